@@ -1,0 +1,195 @@
+"""The one adapter over torchattacks: build an attack from an :class:`AttackConfig`, run it, and
+record per-sample outcomes as a tidy frame.
+
+Conventions (what every caller can rely on):
+
+* inputs are in [0, 1]; eps and step sizes are in the same units (normalisation is inside the model);
+* the attacked model is put in eval mode during the attack and its mode restored afterwards
+  (torchattacks' ``Attack.__call__`` does this);
+* a sample is **robust** when it is classified correctly on clean input *and* on the adversarial
+  point the attack returned: ``robust = clean_correct and adversarial_prediction == label``.
+  Clean mistakes are non-robust without an attack, so they are not attacked (their adversarial
+  point is the clean input);
+* each batch runs under its own seed (``seed`` and the batch's first position), inside a forked
+  RNG, so results do not depend on what ran before and the global RNG is left untouched;
+* every adversarial point is checked to lie within eps of its input (Linf) and within [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+import torchattacks
+from torch import nn
+
+from rcat.config import AttackConfig
+from rcat.errors import InputError
+
+OUTCOME_COLUMNS = (
+    "sample_index",
+    "label",
+    "clean_prediction",
+    "adversarial_prediction",
+    "clean_correct",
+    "robust",
+    "clean_margin",
+    "adversarial_margin",
+    "linf_distance",
+    "split",
+    "model",
+    "model_digest",
+    "split_digest",
+    "attack",
+    "attack_config",
+)
+"""Columns of a per-sample outcome frame, in order.
+
+* ``clean_margin`` / ``adversarial_margin``: logit of the true class minus the largest other
+  logit, on the clean / adversarial input (negative means misclassified); range (-inf, inf).
+* ``linf_distance``: max |x_adv - x| over pixels, in [0, eps].
+* ``model_digest``, ``split_digest``, ``attack_config`` (JSON): provenance of every row.
+"""
+
+_LINF_TOLERANCE = 1e-5
+
+
+def build_attack(network: nn.Module, config: AttackConfig, num_classes: int, seed: int = 0) -> torchattacks.attack.Attack:
+    """Instantiate the torchattacks attack that ``config`` names, bound to ``network``."""
+    if config.loss == "dlr" and num_classes < 3 and config.name == "apgd":
+        raise InputError(f"attack.loss 'dlr' needs at least 3 classes (the data has {num_classes}); use loss: ce")
+    if config.name in {"pgd", "fgsm", "fgsm_rs"} and config.loss != "ce":
+        raise InputError(f"attack {config.name!r} supports only loss: ce in torchattacks (got {config.loss!r}); use name: apgd for DLR")
+    eps = config.eps
+    if config.name == "apgd":
+        return torchattacks.APGD(network, norm=config.norm, eps=eps, steps=config.steps, n_restarts=config.restarts, seed=seed, loss=config.loss, rho=0.75)
+    if config.name == "apgdt":
+        return torchattacks.APGDT(network, norm=config.norm, eps=eps, steps=config.steps, n_restarts=config.restarts, seed=seed, n_classes=num_classes)
+    if config.name == "pgd":
+        step = config.step_size if config.step_size is not None else 2.5 * eps / config.steps
+        return torchattacks.PGD(network, eps=eps, alpha=step, steps=config.steps, random_start=True)
+    if config.name == "fgsm":
+        return torchattacks.FGSM(network, eps=eps)
+    if config.name == "fgsm_rs":
+        # Wong et al.'s FGSM with random start: step 1.25*eps (the authors' code used an absolute
+        # 1.25, which pushes every coordinate to the eps boundary: a bug we do not copy).
+        step = config.step_size if config.step_size is not None else 1.25 * eps
+        return torchattacks.FFGSM(network, eps=eps, alpha=step)
+    if config.name == "fab":
+        return torchattacks.FAB(network, norm=config.norm, eps=eps, steps=config.steps, n_restarts=config.restarts, seed=seed, n_classes=num_classes)
+    if config.name == "square":
+        return torchattacks.Square(network, norm=config.norm, eps=eps, n_queries=config.steps, n_restarts=config.restarts, seed=seed, loss="margin")
+    raise InputError(f"attack.name {config.name!r} is not supported")
+
+
+def training_attack(network: nn.Module, config: AttackConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """A function ``(images, labels, step_seed) -> adversarial images`` against ``network`` as it is now.
+
+    Used inside training loops: the attack always targets the current weights, runs with the
+    model in eval mode, and restores train mode (torchattacks does both).
+    """
+    attack = build_attack(network, config, num_classes)
+
+    def perturb(images: torch.Tensor, labels: torch.Tensor, step_seed: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=_rng_devices(images)):
+            torch.manual_seed(step_seed)
+            return attack(images, labels).detach()
+
+    return perturb
+
+
+def _rng_devices(tensor: torch.Tensor) -> list[int]:
+    return [tensor.device.index or 0] if tensor.device.type == "cuda" else []
+
+
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{k != y} z_k`` per row: positive iff the true class wins; range (-inf, inf)."""
+    true_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.clone()
+    others.scatter_(1, labels[:, None], float("-inf"))
+    return true_logit - others.max(dim=1).values
+
+
+@torch.no_grad()
+def _predict(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return network(images)
+
+
+def attack_outcomes(
+    network: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sample_index: torch.Tensor,
+    config: AttackConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    provenance: dict[str, str],
+    device: torch.device | str = "cpu",
+    return_adversarial: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, torch.Tensor]:
+    """Attack ``network`` on every sample (white-box, its own attack) and return one row per sample.
+
+    ``provenance`` must hold ``split``, ``model``, ``model_digest`` and ``split_digest``; they are
+    stored on every row together with the attack's label and JSON config.
+    With ``return_adversarial`` the adversarial images (float32, on the CPU) are returned too.
+    """
+    missing = {"split", "model", "model_digest", "split_digest"} - provenance.keys()
+    if missing:
+        raise ValueError(f"provenance is missing {sorted(missing)}")
+    network.eval()
+    attack = build_attack(network, config, num_classes, seed=seed)
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in ("clean_logits", "adversarial_logits", "linf")}
+    adversarial_batches: list[torch.Tensor] = []
+    for start in range(0, len(labels), config.batch_size):
+        x = images[start : start + config.batch_size].to(device)
+        y = labels[start : start + config.batch_size].to(device)
+        clean_logits = _predict(network, x)
+        if not torch.isfinite(clean_logits).all():
+            raise InputError(f"model {provenance['model']}: NaN or inf logits on {provenance['split']} samples {start}..{start + len(y) - 1}")
+        correct = clean_logits.argmax(1) == y
+        x_adv = x.clone()
+        if correct.any():
+            with torch.random.fork_rng(devices=_rng_devices(x)):
+                torch.manual_seed(seed * 1_000_003 + start)
+                x_adv[correct] = attack(x[correct], y[correct]).detach()
+        adversarial_logits = _predict(network, x_adv)
+        linf = (x_adv - x).abs().flatten(1).amax(1)
+        if float(linf.max()) > config.eps + _LINF_TOLERANCE or float(x_adv.min()) < 0.0 or float(x_adv.max()) > 1.0:
+            raise RuntimeError(f"attack {config.label()} returned points outside the eps-ball or [0, 1]; this is a bug in the attack backend")
+        rows["clean_logits"].append(clean_logits.cpu())
+        rows["adversarial_logits"].append(adversarial_logits.cpu())
+        rows["linf"].append(linf.cpu())
+        if return_adversarial:
+            adversarial_batches.append(x_adv.cpu())
+    clean_logits = torch.cat(rows["clean_logits"])
+    adversarial_logits = torch.cat(rows["adversarial_logits"])
+    labels_cpu = labels.cpu()
+    clean_prediction = clean_logits.argmax(1)
+    adversarial_prediction = adversarial_logits.argmax(1)
+    clean_correct = clean_prediction == labels_cpu
+    frame = pd.DataFrame(
+        {
+            "sample_index": sample_index.cpu().numpy().astype("int64"),
+            "label": labels_cpu.numpy().astype("int64"),
+            "clean_prediction": clean_prediction.numpy().astype("int64"),
+            "adversarial_prediction": adversarial_prediction.numpy().astype("int64"),
+            "clean_correct": clean_correct.numpy(),
+            "robust": (clean_correct & (adversarial_prediction == labels_cpu)).numpy(),
+            "clean_margin": logit_margin(clean_logits, labels_cpu).numpy(),
+            "adversarial_margin": logit_margin(adversarial_logits, labels_cpu).numpy(),
+            "linf_distance": torch.cat(rows["linf"]).numpy(),
+            "split": provenance["split"],
+            "model": provenance["model"],
+            "model_digest": provenance["model_digest"],
+            "split_digest": provenance["split_digest"],
+            "attack": config.label(),
+            "attack_config": json.dumps(config.identity(), sort_keys=True),
+        },
+        columns=list(OUTCOME_COLUMNS),
+    )
+    if return_adversarial:
+        return frame, torch.cat(adversarial_batches)
+    return frame

@@ -1,0 +1,214 @@
+"""The ``rcat`` command line: the pipeline's stages for people who do not drive DVC themselves.
+
+Every command validates its inputs first and turns a user error into one line on stderr and a
+non-zero exit (2 for bad input, 3 for a rejected update with ``--fail-on-reject``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from rcat.errors import RcatError, UpdateRejected
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+EXIT_BAD_INPUT = 2
+EXIT_REJECTED = 3
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params file (validated; unknown keys are rejected)")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """Print ``rcat: error: <message>`` as one line on stderr and exit with ``code``."""
+    sys.stderr.write(f"rcat: error: {' '.join(message.split())}\n")
+    raise SystemExit(code)
+
+
+def user_errors(function: F) -> F:
+    """Turn :class:`RcatError` into a one-line message and a non-zero exit."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except UpdateRejected as exc:
+            fail(str(exc), EXIT_REJECTED)
+        except RcatError as exc:
+            fail(str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def run_stage(stage: str, argument: str | None = None, params_path: str = "params.yaml") -> Any:
+    """Entry point of the DVC stage scripts: validate params, run one stage of :mod:`rcat.pipeline`."""
+    from rcat import pipeline
+    from rcat.config import load_params
+    from rcat.tracking import Tracker
+
+    @user_errors
+    def go() -> Any:
+        params = load_params(params_path)
+        layout = pipeline.Layout()
+        tracker = Tracker(params)
+        if stage == "prepare":
+            return pipeline.prepare(params, layout, tracker)
+        if stage == "train":
+            return pipeline.train(params, _required(argument, "role (old|new)"), layout, tracker)
+        if stage == "attack_cache":
+            return pipeline.attack_cache(params, layout, tracker)
+        if stage == "finetune":
+            return pipeline.finetune_method(params, _required(argument, "method name"), layout, tracker)
+        if stage == "evaluate":
+            return pipeline.evaluate_method(params, _required(argument, "method name"), layout, tracker)
+        if stage == "decide":
+            record = pipeline.decide(params, layout, tracker)
+            print(f"decision: {record['verdict']} {record['candidate'] or ''} ({'; '.join(record['reasons'])})")
+            return record
+        raise RcatError(f"unknown stage {stage!r}")
+
+    return go()
+
+
+def _required(value: str | None, what: str) -> str:
+    if not value:
+        raise RcatError(f"this stage needs a {what} argument")
+    return value
+
+
+def _params(path: Path) -> Any:
+    from rcat.config import load_params
+
+    return load_params(path)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="prepare | train | attack_cache | finetune | evaluate | decide")],
+    argument: Annotated[str | None, typer.Argument(help="train: old|new; finetune/evaluate: method name")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Run one pipeline stage by name, exactly as its DVC stage does (outputs under data/)."""
+    run_stage(name, argument, str(params))
+
+
+@app.command()
+@user_errors
+def run(params: ParamsOption = Path("params.yaml"), force: Annotated[bool, typer.Option(help="rerun every stage")] = False) -> None:
+    """Run the default pipeline (the same as ``dvc repro``): DVC skips stages whose inputs did not change."""
+    _params(params)  # fail fast on bad params, before DVC starts
+    command = ["dvc", "repro", *(["--force"] if force else [])]
+    code = subprocess.run(command, check=False).returncode
+    if code:
+        fail(f"'{' '.join(command)}' failed with exit code {code}; see the stage's message above", code)
+
+
+@app.command()
+@user_errors
+def attack(
+    model: Annotated[Path | None, typer.Option(help="model file saved by rcat (.safetensors); omit to run the attack_cache stage")] = None,
+    data: Annotated[str | None, typer.Option(help="digits | imagefolder:PATH | a split .safetensors")] = None,
+    out: Annotated[Path | None, typer.Option(help="output parquet of per-sample outcomes")] = None,
+    split: Annotated[str, typer.Option(help="all | finetune | validation | test (split by params' data section)")] = "all",
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Attack one model with the params' evaluation attack and write one row per sample; without
+    --model, run the baseline attack cache stage (old and new model on every split)."""
+    if model is None:
+        run_stage("attack_cache", None, str(params))
+        return
+    if data is None or out is None:
+        raise RcatError("attack --model needs --data and --out")
+    from rcat import pipeline
+    from rcat.data import load_data_argument
+    from rcat.models import load_model
+    from rcat.runtime import resolve_device
+    from rcat.safe_io import write_parquet
+
+    config = _params(params)
+    device = resolve_device(config.device)
+    loaded = load_model(model, device)
+    samples = load_data_argument(data, config.data, config.seed, split)
+    outcomes = pipeline.attack_model_on_splits(loaded, model.stem, {samples.name: samples}, config.attack, config.seed, device)
+    write_parquet(out, outcomes)
+    print(f"{out}: {len(outcomes)} samples, accuracy {outcomes['clean_correct'].mean():.4f}, robust accuracy {outcomes['robust'].mean():.4f}")
+
+
+@app.command()
+@user_errors
+def finetune(
+    method: Annotated[str, typer.Option(help="a method name from params' finetune.methods")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Fine-tune the new model with one configured method (writes data/finetune/<method>/)."""
+    run_stage("finetune", method, str(params))
+
+
+@app.command()
+@user_errors
+def evaluate(
+    old: Annotated[Path | None, typer.Option(help="old model file; omit to evaluate a configured method")] = None,
+    new: Annotated[Path | None, typer.Option(help="new model file")] = None,
+    data: Annotated[str | None, typer.Option(help="digits | imagefolder:PATH | a split .safetensors")] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory for metrics.json and flips.parquet")] = None,
+    split: Annotated[str, typer.Option(help="all | finetune | validation | test")] = "all",
+    method: Annotated[str | None, typer.Option(help="evaluate a configured method's fine-tuned model instead")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Flip evaluation: attack both models (each with its own attack) and compare them.
+
+    With --old/--new/--data/--out: write OUT/metrics.json (flat keys, fractions in [0, 1]) and
+    OUT/flips.parquet (one row per sample). With --method: the pipeline's evaluate stage.
+    """
+    if method is not None:
+        run_stage("evaluate", method, str(params))
+        return
+    if old is None or new is None or data is None or out is None:
+        raise RcatError("evaluate needs --old, --new, --data and --out (or --method NAME)")
+    from rcat import pipeline
+    from rcat.data import load_data_argument
+    from rcat.models import load_model
+    from rcat.runtime import resolve_device
+
+    config = _params(params) if params.is_file() else _default_params()
+    device = resolve_device(config.device)
+    samples = load_data_argument(data, config.data, config.seed, split)
+    metrics = pipeline.evaluate_pair(load_model(old, device), load_model(new, device), samples, config.attack, config.seed, device, out)
+    print(" ".join(f"{key}={metrics[key]:.4f}" for key in ("accuracy_old", "accuracy_new", "robust_accuracy_old", "robust_accuracy_new", "nfr", "rnfr")))
+
+
+@app.command()
+@user_errors
+def decide(
+    params: ParamsOption = Path("params.yaml"),
+    fail_on_reject: Annotated[bool, typer.Option(help="exit with code 3 unless a candidate is promoted")] = False,
+) -> None:
+    """Run the update gate over every evaluated candidate; write data/decide/decision.json."""
+    from rcat.pipeline import require_promotion
+
+    record = run_stage("decide", None, str(params))
+    if fail_on_reject:
+        require_promotion(record)
+
+
+def _default_params() -> Any:
+    from rcat.config import FinetuneConfig, MethodConfig, Params
+
+    return Params(finetune=FinetuneConfig(methods={"at": MethodConfig(loss="at")}))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,19 @@
+"""Exceptions the command line turns into a one-line message and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class RcatError(Exception):
+    """Base class for errors a user can act on. ``str(error)`` is the whole one-line message."""
+
+
+class InputError(RcatError):
+    """Bad input: a file, field or value is wrong. The message names it and says what to do."""
+
+
+class ConfigError(InputError):
+    """``params.yaml`` (or another config file) failed validation."""
+
+
+class UpdateRejected(RcatError):
+    """The update gate rejected the candidate (raised only where the caller asked to fail on reject)."""

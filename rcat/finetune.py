@@ -1,0 +1,130 @@
+"""Training loops: adversarial training from scratch (the embedded default's old and new models)
+and constrained fine-tuning (AT, PCT, PCT-AT, RCAT).
+
+Both follow the authors' protocol: SGD with momentum, no weight decay, no schedule, no
+augmentation, the last epoch's weights kept. The training attack is crafted against the *current*
+weights at every step (FGSM with random start by default; PGD-k selectable), with the model in
+eval mode while attacking (torchattacks switches and restores it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rcat.attacks import training_attack
+from rcat.config import FinetuneConfig, MethodConfig, TrainConfig
+from rcat.data import Split
+from rcat.losses import LossTerms, at_loss, pct_loss, rcat_loss
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+ADVERSARIAL_LOSSES = {"at", "pct_at", "rcat"}
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch means of the loss terms and of accuracy on the inputs the loss saw."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+
+def _epochs(
+    network: nn.Module,
+    split: Split,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    seed: int,
+    device: torch.device,
+    step: Callable[[torch.Tensor, torch.Tensor, int], tuple[LossTerms, torch.Tensor]],
+    on_epoch: EpochCallback | None,
+) -> TrainingHistory:
+    """The shared loop: seeded shuffling, SGD steps, per-epoch averages."""
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    history = TrainingHistory()
+    step_index = 0
+    for epoch in range(epochs):
+        network.train()
+        order = torch.randperm(len(split), generator=generator)
+        sums: dict[str, float] = {}
+        seen = 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            x = split.images[batch].to(device)
+            y = split.labels[batch].to(device)
+            terms, logits = step(x, y, seed * 1_000_003 + step_index)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            step_index += 1
+            values = terms.as_floats() | {"train_accuracy": float((logits.argmax(1) == y).float().mean())}
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value * len(batch)
+            seen += len(batch)
+        summary = {key: value / seen for key, value in sums.items()}
+        if not torch.isfinite(torch.tensor(summary["loss"])):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {summary['loss']}); lower the learning rate")
+        history.epochs.append(summary)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, summary)
+    network.eval()
+    return history
+
+
+def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, device: torch.device, on_epoch: EpochCallback | None = None) -> TrainingHistory:
+    """Adversarial training from scratch: CE on the training attack's points (Madry et al. with PGD by default)."""
+    network.to(device)
+    perturb = training_attack(network, config.attack, split.num_classes)
+
+    def step(x: torch.Tensor, y: torch.Tensor, step_seed: int) -> tuple[LossTerms, torch.Tensor]:
+        logits = network(perturb(x, y, step_seed))
+        return at_loss(logits, y), logits
+
+    return _epochs(
+        network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
+        seed=config.seed, device=device, step=step, on_epoch=on_epoch,
+    )
+
+
+def finetune(
+    new_network: nn.Module,
+    old_network: nn.Module,
+    split: Split,
+    config: FinetuneConfig,
+    method: MethodConfig,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Module, TrainingHistory]:
+    """Fine-tune a copy of ``new_network`` with ``method``'s loss; ``old_network`` and a frozen copy
+    of the new network provide the reference logits. Returns the fine-tuned network (eval mode)."""
+    network = copy.deepcopy(new_network).to(device)
+    frozen_new = copy.deepcopy(new_network).to(device).eval().requires_grad_(False)
+    old_network = old_network.to(device).eval().requires_grad_(False)
+    perturb = training_attack(network, config.attack, split.num_classes) if method.loss in ADVERSARIAL_LOSSES else None
+
+    def step(x: torch.Tensor, y: torch.Tensor, step_seed: int) -> tuple[LossTerms, torch.Tensor]:
+        inputs = perturb(x, y, step_seed) if perturb is not None else x
+        logits = network(inputs)
+        if method.loss == "at":
+            return at_loss(logits, y), logits
+        with torch.no_grad():
+            old_logits = old_network(inputs)
+        if method.loss in {"pct", "pct_at"}:
+            return pct_loss(logits, old_logits, y, method.alpha, method.beta), logits
+        with torch.no_grad():
+            new0_logits = frozen_new(inputs)
+        return rcat_loss(logits, old_logits, new0_logits, y, method.alpha, method.beta), logits
+
+    history = _epochs(
+        network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
+        seed=config.seed, device=device, step=step, on_epoch=on_epoch,
+    )
+    return network, history

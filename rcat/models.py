@@ -1,0 +1,175 @@
+"""Model definitions and self-describing, pickle-free model files.
+
+A model file is a safetensors file whose header holds the architecture name, its keyword
+arguments, the input shape and the number of classes, so loading needs no code from the file
+(safetensors cannot carry code) and no separate config. Inputs are always in [0, 1]; a model that
+expects normalised inputs carries its mean/std inside (:class:`Normalize`), so attacks and eps
+keep their pixel-space meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcat.errors import InputError
+from rcat.safe_io import read_tensors, sha256_tensors, write_tensors
+
+MODEL_FORMAT = "rcat-model/1"
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as the first layer, so the model's input stays in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (64,)) -> nn.Module:
+    """Flatten, then ``len(hidden)`` ReLU layers, then a linear classifier."""
+    width = 1
+    for size in input_shape:
+        width *= size
+    layers: list[nn.Module] = [nn.Flatten()]
+    for units in hidden:
+        layers += [nn.Linear(width, units), nn.ReLU()]
+        width = units
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] = (16, 32), hidden: int = 64) -> nn.Module:
+    """3x3 conv + ReLU blocks (each after the first halves the resolution with a 2x2 max-pool), then an MLP head."""
+    in_channels, height, width = input_shape
+    layers: list[nn.Module] = []
+    for position, out_channels in enumerate(channels):
+        layers += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1), nn.ReLU()]
+        if position > 0 or len(channels) == 1:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        in_channels = out_channels
+    layers += [nn.Flatten(), nn.Linear(in_channels * height * width, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a model: architecture, its keyword arguments, input shape, classes."""
+
+    architecture: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def build(self) -> nn.Module:
+        """Instantiate the (untrained) network; the normalisation layer, if any, comes first."""
+        if self.architecture not in ARCHITECTURES:
+            raise InputError(f"architecture {self.architecture!r} is unknown; use one of {sorted(ARCHITECTURES)}")
+        kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in self.kwargs.items()}
+        try:
+            network = ARCHITECTURES[self.architecture](self.input_shape, self.num_classes, **kwargs)
+        except TypeError as exc:
+            raise InputError(f"architecture_kwargs for {self.architecture!r}: {exc}") from exc
+        if self.normalization is None:
+            return network
+        return nn.Sequential(Normalize(*self.normalization), network)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "format": MODEL_FORMAT,
+            "architecture": self.architecture,
+            "kwargs": json.dumps(self.kwargs, sort_keys=True),
+            "input_shape": json.dumps(list(self.input_shape)),
+            "num_classes": str(self.num_classes),
+            "normalization": json.dumps(self.normalization),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], where: str) -> ModelSpec:
+        if metadata.get("format") != MODEL_FORMAT:
+            raise InputError(f"{where}: not an rcat model file (header format {metadata.get('format')!r}, expected {MODEL_FORMAT!r})")
+        normalization = json.loads(metadata.get("normalization", "null"))
+        return cls(
+            architecture=metadata["architecture"],
+            input_shape=tuple(json.loads(metadata["input_shape"])),
+            num_classes=int(metadata["num_classes"]),
+            kwargs=json.loads(metadata["kwargs"]),
+            normalization=None if normalization is None else (tuple(normalization[0]), tuple(normalization[1])),
+        )
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its spec, its weights' digest and where it came from."""
+
+    network: nn.Module
+    spec: ModelSpec
+    digest: str
+    path: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def weights_digest(network: nn.Module) -> str:
+    """SHA-256 over the state dict (names in sorted order, then each tensor's bytes)."""
+    state = network.state_dict()
+    names = sorted(state)
+    return sha256_tensors(*(torch.tensor(list(name.encode()), dtype=torch.uint8) for name in names), *(state[name] for name in names))
+
+
+def save_model(network: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], extra: dict[str, str] | None = None) -> str:
+    """Write weights + spec as one safetensors file, atomically; return the weights' digest."""
+    digest = weights_digest(network)
+    metadata = spec.to_metadata() | {"weights_digest": digest} | {f"extra.{key}": value for key, value in (extra or {}).items()}
+    write_tensors(path, network.state_dict(), metadata)
+    return digest
+
+
+def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model file written by :func:`save_model` (no unpickling), check it, return it in eval mode."""
+    tensors, metadata = read_tensors(path)
+    spec = ModelSpec.from_metadata(metadata, str(path))
+    network = spec.build()
+    try:
+        network.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{path}: weights do not fit architecture {spec.architecture!r} ({first})") from exc
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputError(f"{path}: weight {name!r} contains NaN or inf; the model is broken, retrain or re-export it")
+    digest = weights_digest(network)
+    if metadata.get("weights_digest") and metadata["weights_digest"] != digest:
+        raise InputError(f"{path}: weights digest does not match its header (file corrupted or edited)")
+    network.to(device).eval()
+    extra = {key[6:]: value for key, value in metadata.items() if key.startswith("extra.")}
+    return LoadedModel(network, spec, digest, str(path), extra)
+
+
+def check_model_on(model: LoadedModel, images: torch.Tensor, num_classes: int, where: str) -> None:
+    """Fail early and clearly when a model does not fit the data: input shape, class count, finite logits."""
+    if tuple(images.shape[1:]) != tuple(model.spec.input_shape):
+        raise InputError(f"{model.path}: model expects inputs of shape {tuple(model.spec.input_shape)}, {where} has {tuple(images.shape[1:])}")
+    if model.spec.num_classes != num_classes:
+        raise InputError(f"{model.path}: model outputs {model.spec.num_classes} classes, {where} has {num_classes}")
+    device = next(model.network.parameters()).device
+    with torch.no_grad():
+        logits = model.network(images[:8].to(device))
+    if logits.shape != (min(8, len(images)), num_classes):
+        raise InputError(f"{model.path}: model returned logits of shape {tuple(logits.shape)}, expected (N, {num_classes})")
+    if not torch.isfinite(logits).all():
+        raise InputError(f"{model.path}: model produced NaN or inf logits on {where}")

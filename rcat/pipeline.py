@@ -1,0 +1,365 @@
+"""The pipeline's stages as functions of (validated params, file layout).
+
+DVC stage scripts (``stages/``), the ``rcat`` command line and the Prefect flow all call these,
+so there is one code path per stage. Each function reads its inputs from the layout, calls the
+core modules, writes its outputs atomically, then logs to MLflow. Outputs are written before
+logging so that a tracking failure never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from rcat.attacks import attack_outcomes
+from rcat.config import AttackConfig, Params
+from rcat.data import SPLIT_NAMES, Split, load_dataset, load_split, save_split, split_dataset, subsample
+from rcat.decision import decide as decide_update
+from rcat.errors import InputError, UpdateRejected
+from rcat.finetune import adversarial_train, finetune
+from rcat.metrics import compare_outcomes
+from rcat.models import LoadedModel, ModelSpec, check_model_on, load_model, save_model
+from rcat.runtime import resolve_device, seed_everything
+from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
+from rcat.tracking import Tracker
+
+EVALUATED_SPLITS = ("validation", "test")
+"""Splits on which fine-tuned candidates are evaluated (the fine-tune split is their training data)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every stage reads and writes, relative to ``root`` (the DVC outputs live in ``data/``)."""
+
+    root: Path = Path("data")
+
+    def split(self, name: str) -> Path:
+        return self.root / "prepared" / f"{name}.safetensors"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "prepared" / "manifest.json"
+
+    def model(self, role: str) -> Path:
+        return self.root / "models" / f"{role}.safetensors"
+
+    def training_history(self, role: str) -> Path:
+        return self.root / "models" / f"{role}_history.json"
+
+    @property
+    def attack_cache(self) -> Path:
+        return self.root / "attack_cache"
+
+    def finetuned(self, method: str) -> Path:
+        return self.root / "finetune" / method / "model.safetensors"
+
+    def finetune_history(self, method: str) -> Path:
+        return self.root / "finetune" / method / "history.json"
+
+    def evaluation(self, candidate: str) -> Path:
+        """Directory of a candidate's flip evaluation; ``new`` is evaluated from the attack cache."""
+        return self.attack_cache if candidate == "new" else self.root / "evaluate" / candidate
+
+    @property
+    def decision(self) -> Path:
+        return self.root / "decide" / "decision.json"
+
+    @property
+    def tradeoff(self) -> Path:
+        return self.root / "decide" / "tradeoff.csv"
+
+
+def _device(params: Params) -> torch.device:
+    return resolve_device(params.device)
+
+
+def _provenance(split: Split, model: LoadedModel, role: str) -> dict[str, str]:
+    return {"split": split.name, "model": role, "model_digest": model.digest, "split_digest": split.digest}
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def prepare(params: Params, layout: Layout, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Load the data source, split it (seeded, stratified), write each split and a manifest of digests."""
+    dataset = load_dataset(params.data.source)
+    splits = split_dataset(dataset, params.data, params.seed)
+    manifest: dict[str, Any] = {"source": params.data.source, "num_classes": dataset.num_classes, "classes": list(dataset.classes),
+                                "input_shape": list(dataset.images.shape[1:]), "seed": params.seed, "splits": {}}
+    for name, split in splits.items():
+        digest = save_split(split, layout.split(name))
+        counts = torch.bincount(split.labels, minlength=dataset.num_classes).tolist()
+        manifest["splits"][name] = {"n_samples": len(split), "digest": digest, "class_counts": counts}
+    write_json(layout.manifest, manifest)
+    if tracker is not None:
+        with tracker.child("prepare", "stage") as run:
+            run.params({"data.source": params.data.source, **{f"data.{n}.digest": s["digest"] for n, s in manifest["splits"].items()}})
+            run.metrics({f"{n}/n_samples": s["n_samples"] for n, s in manifest["splits"].items()})
+            run.artifact(layout.manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- train (embedded default only)
+
+
+def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = None) -> str:
+    """Adversarially train the embedded default's ``old`` or ``new`` model from scratch."""
+    if role not in {"old", "new"}:
+        raise InputError(f"train role {role!r}: use 'old' or 'new'")
+    config = params.train_old if role == "old" else params.train_new
+    device = _device(params)
+    seed_everything(config.seed)
+    split = subsample(load_split(layout.split("finetune")), config.data_fraction, config.seed)
+    spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs))
+    network = spec.build()
+    curves: list[tuple[int, dict[str, float]]] = []
+    history = adversarial_train(network, split, config, device, on_epoch=lambda epoch, values: curves.append((epoch, values)))
+    digest = save_model(network.cpu(), spec, layout.model(role), extra={"role": role, "trained_on": split.digest})
+    write_json(layout.training_history(role), {"role": role, "n_train_samples": len(split), "epochs": history.epochs, "weights_digest": digest})
+    if tracker is not None:
+        with tracker.child(f"train_{role}", "stage") as run:
+            run.params({"architecture": config.architecture, "n_train_samples": len(split), **config.model_dump(mode="json", exclude={"attack"}),
+                        "attack": config.attack.label()})
+            for epoch, values in curves:
+                run.metrics({f"train/{k}": v for k, v in values.items()}, step=epoch)
+            run.tags({"rcat.weights_digest": digest})
+            run.artifact(layout.model(role), "model")
+    return digest
+
+
+# ---------------------------------------------------------------- baseline attack cache
+
+
+def attack_model_on_splits(model: LoadedModel, role: str, splits: dict[str, Split], attack: AttackConfig, seed: int, device: torch.device) -> pd.DataFrame:
+    """Per-sample outcomes of ``model`` under its own white-box attack on each split (long format)."""
+    frames = []
+    for split in splits.values():
+        check_model_on(model, split.images, split.num_classes, f"split {split.name}")
+        frames.append(attack_outcomes(model.network, split.images, split.labels, split.sample_index, attack,
+                                      num_classes=split.num_classes, seed=seed, provenance=_provenance(split, model, role), device=device))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _split_metrics(old: pd.DataFrame, new: pd.DataFrame, splits: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
+    metrics: dict[str, dict[str, Any]] = {}
+    flips = []
+    for name in splits:
+        values, frame = compare_outcomes(old[old["split"] == name], new[new["split"] == name])
+        metrics[name] = values
+        flips.append(frame.assign(split=name))
+    return metrics, pd.concat(flips, ignore_index=True)
+
+
+def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Attack the old and the new model once, each with its own attack, on every split.
+
+    Writes ``outcomes.parquet`` (one row per model and sample, :data:`rcat.attacks.OUTCOME_COLUMNS`),
+    and the un-fine-tuned update's flip evaluation (``metrics.json``, ``flips.parquet``): the
+    candidate ``new`` of the update gate.
+    """
+    device = _device(params)
+    splits = {name: load_split(layout.split(name)) for name in SPLIT_NAMES}
+    old = load_model(layout.model("old"), device)
+    new = load_model(layout.model("new"), device)
+    outcomes = {role: attack_model_on_splits(model, role, splits, params.attack, params.seed, device) for role, model in (("old", old), ("new", new))}
+    frame = pd.concat(outcomes.values(), ignore_index=True)
+    provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old.digest, "new_digest": new.digest}
+    write_parquet(layout.attack_cache / "outcomes.parquet", frame, provenance)
+    metrics, flips = _split_metrics(outcomes["old"], outcomes["new"], SPLIT_NAMES)
+    write_parquet(layout.attack_cache / "flips.parquet", flips.assign(candidate="new"), provenance)
+    write_json(layout.attack_cache / "metrics.json", metrics)
+    if tracker is not None:
+        with tracker.child("attack_cache", "stage") as run:
+            run.params({"attack": params.attack.label(), **{f"attack.{k}": v for k, v in params.attack.identity().items()}})
+            run.metrics({f"{split}/{role}/robust_accuracy": float(df[df["split"] == split]["robust"].mean()) for role, df in outcomes.items() for split in SPLIT_NAMES})
+            run.artifact(layout.attack_cache / "outcomes.parquet")
+        with tracker.child("candidate:new", "candidate") as run:
+            run.params({"method": "new", "loss": "none"})
+            run.metrics(metrics)
+            run.artifact(layout.attack_cache / "flips.parquet", "flips")
+    return metrics
+
+
+def load_cached_outcomes(layout: Layout, role: str, splits: dict[str, Split], attack: AttackConfig, model_digest: str | None = None) -> pd.DataFrame:
+    """Read one model's cached outcomes and check they were made on these splits with this attack.
+
+    Reuse is never silent: a mismatch in split digests, attack config or model digest raises.
+    """
+    path = layout.attack_cache / "outcomes.parquet"
+    frame = read_parquet(path)
+    frame = frame[frame["model"] == role]
+    expected_attack = json.dumps(attack.identity(), sort_keys=True)
+    for name, split in splits.items():
+        part = frame[frame["split"] == name]
+        if len(part) != len(split) or set(part["split_digest"]) != {split.digest}:
+            raise InputError(f"{path}: cached {role} outcomes do not match split {name!r} (size or digest differ); rerun 'dvc repro attack_cache'")
+        if set(part["attack_config"]) != {expected_attack}:
+            raise InputError(f"{path}: cached {role} outcomes were made with another attack config; rerun 'dvc repro attack_cache'")
+        if model_digest is not None and set(part["model_digest"]) != {model_digest}:
+            raise InputError(f"{path}: cached {role} outcomes belong to other model weights; rerun 'dvc repro attack_cache'")
+    return frame[frame["split"].isin(list(splits))]
+
+
+# ---------------------------------------------------------------- constrained fine-tune
+
+
+def finetune_method(params: Params, method_name: str, layout: Layout, tracker: Tracker | None = None) -> str:
+    """Fine-tune the new model with one configured method; write the model and its training curves."""
+    methods = params.finetune.methods
+    if method_name not in methods:
+        raise InputError(f"params.yaml: finetune.methods has no method {method_name!r} (configured: {', '.join(methods)})")
+    method = methods[method_name]
+    device = _device(params)
+    seed_everything(params.finetune.seed)
+    split = load_split(layout.split("finetune"))
+    old = load_model(layout.model("old"), device)
+    new = load_model(layout.model("new"), device)
+    for model in (old, new):
+        check_model_on(model, split.images, split.num_classes, "the fine-tune split")
+    curves: list[tuple[int, dict[str, float]]] = []
+    network, history = finetune(new.network, old.network, split, params.finetune, method, device, on_epoch=lambda e, v: curves.append((e, v)))
+    extra = {"method": method_name, "loss": method.loss, "alpha": str(method.alpha), "beta": str(method.beta), "base_digest": new.digest, "old_digest": old.digest}
+    digest = save_model(network.cpu(), new.spec, layout.finetuned(method_name), extra=extra)
+    write_json(layout.finetune_history(method_name), {"method": method_name, **method.model_dump(), "epochs": history.epochs, "weights_digest": digest})
+    if tracker is not None:
+        with tracker.child(f"candidate:{method_name}", "candidate") as run:
+            run.params(_method_params(params, method_name))
+            for epoch, values in curves:
+                run.metrics({f"train/{k}": v for k, v in values.items()}, step=epoch)
+            run.tags({"rcat.weights_digest": digest})
+            run.artifact(layout.finetuned(method_name), "model")
+    return digest
+
+
+def _method_params(params: Params, method_name: str) -> dict[str, Any]:
+    method = params.finetune.methods[method_name]
+    shared = params.finetune.model_dump(mode="json", exclude={"methods", "attack"})
+    return {"method": method_name, "loss": method.loss, "alpha": method.alpha, "beta": method.beta,
+            "train_attack": params.finetune.attack.label(), **{f"finetune.{k}": v for k, v in shared.items()}}
+
+
+# ---------------------------------------------------------------- flip evaluation
+
+
+def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Attack a fine-tuned model afresh on validation and test; compare with the old model's cached outcomes."""
+    if method_name not in params.finetune.methods:
+        raise InputError(f"params.yaml: finetune.methods has no method {method_name!r}")
+    device = _device(params)
+    splits = {name: load_split(layout.split(name)) for name in EVALUATED_SPLITS}
+    old_digest = load_model(layout.model("old")).digest
+    old_outcomes = load_cached_outcomes(layout, "old", splits, params.attack, old_digest)
+    model = load_model(layout.finetuned(method_name), device)
+    outcomes = attack_model_on_splits(model, method_name, splits, params.attack, params.seed, device)
+    metrics, flips = _split_metrics(old_outcomes, outcomes, EVALUATED_SPLITS)
+    out = layout.evaluation(method_name)
+    provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old_digest, "candidate_digest": model.digest}
+    write_parquet(out / "outcomes.parquet", outcomes, provenance)
+    write_parquet(out / "flips.parquet", flips.assign(candidate=method_name), provenance)
+    write_json(out / "metrics.json", metrics)
+    if tracker is not None:
+        with tracker.child(f"candidate:{method_name}", "candidate") as run:
+            run.params(_method_params(params, method_name))
+            run.metrics(metrics)
+            run.artifact(out / "flips.parquet", "flips")
+    return metrics
+
+
+def evaluate_pair(old: LoadedModel, new: LoadedModel, split: Split, attack: AttackConfig, seed: int, device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """The CLI's ``rcat evaluate``: attack both models on one split, write flat ``metrics.json`` and ``flips.parquet``."""
+    old_outcomes = attack_model_on_splits(old, "old", {split.name: split}, attack, seed, device)
+    new_outcomes = attack_model_on_splits(new, "new", {split.name: split}, attack, seed, device)
+    metrics, flips = compare_outcomes(old_outcomes, new_outcomes)
+    provenance = {"attack_config": json.dumps(attack.identity(), sort_keys=True), "old_digest": old.digest, "new_digest": new.digest,
+                  "split_digest": split.digest, "old_model": old.path, "new_model": new.path}
+    write_parquet(out_dir / "flips.parquet", flips, provenance)
+    write_parquet(out_dir / "outcomes.parquet", pd.concat([old_outcomes, new_outcomes], ignore_index=True), provenance)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------- update decision
+
+
+def read_evaluations(params: Params, layout: Layout) -> tuple[dict[str, dict[str, dict[str, Any] | None]], list[str]]:
+    """Each candidate's metrics per split (None where missing) and the problems found reading them."""
+    evaluations: dict[str, dict[str, dict[str, Any] | None]] = {}
+    problems: list[str] = []
+    for candidate in ("new", *params.finetune.methods):
+        path = layout.evaluation(candidate) / "metrics.json"
+        try:
+            by_split = read_json(path)
+        except InputError as exc:
+            problems.append(str(exc))
+            by_split = {}
+        evaluations[candidate] = {split: by_split.get(split) for split in EVALUATED_SPLITS}
+    return evaluations, problems
+
+
+def input_digests(params: Params, layout: Layout) -> dict[str, Any]:
+    """Digests of every input of the decision: data splits, models, params, code and attack config."""
+    from rcat.safe_io import sha256_json
+
+    digests: dict[str, Any] = {"params": sha256_json(params.model_dump(mode="json")), "attack_config": params.attack.identity()}
+    manifest = read_json(layout.manifest) if layout.manifest.is_file() else {"splits": {}}
+    digests["data"] = {name: info["digest"] for name, info in manifest["splits"].items()}
+    models = {"old": layout.model("old"), "new": layout.model("new")} | {m: layout.finetuned(m) for m in params.finetune.methods}
+    digests["models"] = {name: (sha256_file(path) if path.is_file() else None) for name, path in models.items()}
+    return digests
+
+
+def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Run the update gate over every candidate and write ``decision.json`` and the trade-off table.
+
+    Fails closed: unreadable or partial evaluations make their candidate inadmissible, and a
+    decision with no admissible candidate is ``reject``.
+    """
+    evaluations, problems = read_evaluations(params, layout)
+    manifest = read_json(layout.manifest)
+    expected = {split: manifest["splits"][split]["n_samples"] for split in EVALUATED_SPLITS}
+    record = decide_update(evaluations, params.decision, expected)
+    record["problems"] = problems
+    record["inputs"] = input_digests(params, layout)
+    record["inputs"]["code_revision"] = tracker.revision if tracker is not None else None
+    write_json(layout.decision, record)
+    _write_tradeoff(evaluations, layout.tradeoff)
+    if tracker is not None:
+        parent = tracker.parent()
+        parent.tags({"rcat.verdict": record["verdict"], "rcat.candidate": record["candidate"] or "none", "rcat.reasons": " | ".join(record["reasons"])})
+        parent.metrics({"decision/promote": 1.0 if record["verdict"] == "promote" else 0.0})
+        parent.artifact(layout.decision)
+        parent.artifact(layout.tradeoff)
+        tracker.finish_parent()
+    return record
+
+
+def _write_tradeoff(evaluations: dict[str, dict[str, dict[str, Any] | None]], path: Path) -> None:
+    """One row per (candidate, split) with the figures a user trades off; the old model as reference."""
+    columns = ["candidate", "split", "accuracy", "robust_accuracy", "nfr", "rnfr", "snfr"]
+    rows = []
+    for candidate, by_split in evaluations.items():
+        for split, metrics in by_split.items():
+            if metrics is None:
+                continue
+            if not any(row[0] == "old" and row[1] == split for row in rows):
+                rows.append(["old", split, metrics["accuracy_old"], metrics["robust_accuracy_old"], 0.0, 0.0, 0.0])
+            rows.append([candidate, split, metrics["accuracy_new"], metrics["robust_accuracy_new"], metrics["nfr"], metrics["rnfr"], metrics["snfr"]])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def require_promotion(record: dict[str, Any]) -> None:
+    """Raise :class:`UpdateRejected` unless the decision record promotes a candidate."""
+    if record.get("verdict") != "promote" or not record.get("candidate"):
+        raise UpdateRejected("update rejected: " + "; ".join(record.get("reasons") or ["no reason recorded"]))

@@ -1,0 +1,169 @@
+"""Safe, atomic file I/O: every output is written to a temporary file and renamed into place.
+
+A stage killed mid-write (or a full disk) therefore leaves either the previous complete file
+or no file, never a half-written one that DVC or a later stage could take as complete.
+Nothing here unpickles: tensors travel as safetensors, tables as parquet, records as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rcat.errors import InputError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the same directory so the final ``os.replace`` is atomic on
+    POSIX file systems. On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def _nan_to_none(value: Any) -> Any:
+    """Replace NaN/inf floats by None: strict JSON has no NaN, and DVC/MLflow readers reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    return value
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write ``payload`` as indented, key-sorted JSON, atomically. NaN and inf become ``null``."""
+    text = json.dumps(_nan_to_none(payload), indent=2, sort_keys=True, default=_json_default)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; a missing or malformed file raises :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found; run the stage that produces it first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); delete it and rerun the stage") from exc
+
+
+def write_parquet(path: str | os.PathLike[str], frame: pd.DataFrame, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a frame to parquet atomically; ``metadata`` is stored in the file's key-value metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({f"rcat.{key}".encode(): value.encode() for key, value in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a parquet file written by :func:`write_parquet`; missing or corrupt files raise :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found; run the stage that produces it first")
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise InputError(f"{path}: unreadable parquet ({exc}); delete it and rerun the stage") from exc
+
+
+def parquet_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Return the ``rcat.*`` key-value metadata of a parquet file, without the prefix."""
+    import pyarrow.parquet as pq
+
+    raw = pq.read_schema(path).metadata or {}
+    return {key.decode()[5:]: value.decode() for key, value in raw.items() if key.startswith(b"rcat.")}
+
+
+def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors as safetensors (no pickle), atomically, with string ``metadata`` in the header."""
+    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file: (tensors, header metadata). Never executes code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises SafetensorError / OSError for bad headers
+        raise InputError(f"{path}: not a valid safetensors file ({exc})") from exc
+    return tensors, metadata
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tensors(*tensors: torch.Tensor) -> str:
+    """Hex SHA-256 over the dtype, shape and raw bytes of each tensor, in order (a content hash)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        array = tensor.detach().cpu().contiguous()
+        digest.update(str(array.dtype).encode())
+        digest.update(str(tuple(array.shape)).encode())
+        digest.update(array.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sha256_json(payload: Any) -> str:
+    """Hex SHA-256 of the canonical (sorted-key, compact) JSON of ``payload``."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,188 @@
+"""MLflow logging: one parent run per pipeline execution, one child run per stage or candidate.
+
+Stages run as separate processes (``dvc repro``), so they find their parent run by a key instead
+of sharing a Python object: the key is a digest of the validated params and the code revision.
+Re-running the same configuration logs into the same parent; any change to params or code gives
+a new parent. Children are found the same way (tags ``rcat.pipeline_key`` + ``rcat.child``).
+
+Metric names are one scheme for every candidate, so the MLflow UI compares them side by side:
+``<split>/<metric>`` (e.g. ``test/rnfr``, ``validation/robust_accuracy_new``), training curves as
+``train/<term>`` with the epoch as step. The decision is stored as tags on the parent run.
+
+Only the driving process logs (never parallel workers): SQLite stores lock under concurrent writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from rcat.config import Params, TrackingConfig
+from rcat.runtime import code_revision
+from rcat.safe_io import sha256_json
+
+PIPELINE_KEY_TAG = "rcat.pipeline_key"
+CHILD_TAG = "rcat.child"
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the params' URI (default ``sqlite:///mlflow.db``)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+
+
+def pipeline_key(params: Params, revision: str) -> str:
+    """Digest of the validated params and the code revision: identifies one pipeline configuration."""
+    return sha256_json({"params": params.model_dump(mode="json"), "code": revision})[:16]
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested dicts to ``a/b`` keys, keeping finite numbers only (MLflow rejects NaN in some stores)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[name] = float(value)
+    return flat
+
+
+class RunLogger:
+    """Thin handle on one MLflow run (the client API, no global active-run state)."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(str(k), str(v)[:6000]) for k, v in values.items() if str(k) not in existing]
+        if fresh:
+            self.client.log_batch(self.run_id, params=fresh)
+
+    def metrics(self, values: Mapping[str, Any], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(k, v, timestamp, step) for k, v in flatten_metrics(values).items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def tags(self, values: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in values.items()])
+
+    def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class NullLogger(RunLogger):
+    """Used when tracking is disabled: accepts every call and does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "")
+
+    def params(self, values: Mapping[str, Any]) -> None: ...
+    def metrics(self, values: Mapping[str, Any], step: int = 0) -> None: ...
+    def tags(self, values: Mapping[str, Any]) -> None: ...
+    def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None: ...
+
+
+class Tracker:
+    """Finds or creates the parent run of this pipeline configuration and its child runs."""
+
+    def __init__(self, params: Params, root: str | Path = ".") -> None:
+        self.params = params
+        self.config = params.tracking
+        self.revision = code_revision(root)
+        self.key = pipeline_key(params, self.revision)
+        self._client: Any = None
+        self._experiment_id: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    def _connect(self) -> None:
+        if self._client is not None:
+            return
+        os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=tracking_uri(self.config))
+        experiment = self._client.get_experiment_by_name(self.config.experiment)
+        self._experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(self.config.experiment)
+
+    def _find(self, extra_filter: str) -> str | None:
+        runs = self._client.search_runs(
+            [self._experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{self.key}' AND {extra_filter}", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def parent(self) -> RunLogger:
+        """The parent run of this configuration (created with params and code revision on first use)."""
+        if not self.enabled:
+            return NullLogger()
+        self._connect()
+        run_id = self._find(f"tags.`{CHILD_TAG}` = '__parent__'")
+        if run_id is None:
+            run = self._client.create_run(
+                self._experiment_id,
+                run_name=f"update-check-{self.key[:8]}",
+                tags={PIPELINE_KEY_TAG: self.key, CHILD_TAG: "__parent__", "rcat.code_revision": self.revision},
+            )
+            run_id = run.info.run_id
+            logger = RunLogger(self._client, run_id)
+            logger.params(flatten_params(self.params.model_dump(mode="json")))
+            return logger
+        return RunLogger(self._client, run_id)
+
+    @contextlib.contextmanager
+    def child(self, name: str, kind: str) -> Iterator[RunLogger]:
+        """A child run named ``name`` (``kind`` is ``stage`` or ``candidate``), finished or failed on exit."""
+        if not self.enabled:
+            yield NullLogger()
+            return
+        parent = self.parent()
+        run_id = self._find(f"tags.`{CHILD_TAG}` = '{name}'")
+        if run_id is None:
+            run = self._client.create_run(
+                self._experiment_id,
+                run_name=name,
+                tags={PIPELINE_KEY_TAG: self.key, CHILD_TAG: name, "rcat.kind": kind, "mlflow.parentRunId": parent.run_id, "rcat.code_revision": self.revision},
+            )
+            run_id = run.info.run_id
+        else:
+            self._client.update_run(run_id, status="RUNNING")
+        logger = RunLogger(self._client, run_id)
+        try:
+            yield logger
+        except BaseException:
+            self._client.set_terminated(run_id, status="FAILED")
+            raise
+        self._client.set_terminated(run_id, status="FINISHED")
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self._client.set_terminated(self.parent().run_id, status=status)
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params to dotted keys, as MLflow shows them (``finetune.methods.rcat.alpha``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,15 @@
+"""DVC stage ``decide``: the update gate. Picks the best admissible candidate on validation,
+confirms it on test, and writes ``data/decide/decision.json`` (fails closed: reject when unsure).
+
+Params: ``decision.*``.
+"""
+
+from rcat.cli import run_stage
+
+
+def main() -> None:
+    run_stage("decide")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Shared tiny fixtures: a few hundred digits, two small models, a reduced params file, and one
+session-scoped Prefect test harness (a temporary PREFECT_HOME, never the user's database)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Nothing in the tests may write to the user's MLflow store or Prefect database.
+os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+
+
+@pytest.fixture(scope="session")
+def digits_splits():
+    """The embedded default's seeded stratified split (fine-tune 60% / validation 20% / test 20%)."""
+    from rcat.config import DataConfig
+    from rcat.data import load_dataset, split_dataset
+
+    return split_dataset(load_dataset("digits"), DataConfig(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_split(digits_splits):
+    """120 validation digits: enough for an attack to break some, small enough to be instant."""
+    from rcat.data import Split
+
+    split = digits_splits["validation"]
+    keep = torch.arange(120)
+    return Split("validation", split.images[keep], split.labels[keep], split.sample_index[keep], split.num_classes, split.source)
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(digits_splits):
+    """A small MLP trained (clean, 15 epochs) on the fine-tune split: accurate but not robust."""
+    from rcat.models import ModelSpec
+
+    torch.manual_seed(0)
+    split = digits_splits["finetune"]
+    spec = ModelSpec("mlp", (1, 8, 8), 10, {"hidden": [32]})
+    network = spec.build()
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(15):
+        for start in range(0, len(split), 64):
+            x, y = split.images[start : start + 64], split.labels[start : start + 64]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(network(x), y).backward()
+            optimizer.step()
+    return network.eval(), spec
+
+
+def reduced_params(tmp_root: Path, **overrides) -> dict:
+    """The repo's params.yaml shrunk for tests: few epochs, a short attack, tracking into tmp_root."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for role in ("train_old", "train_new"):
+        params[role]["epochs"] = 4
+    params["attack"]["steps"] = 5
+    params["finetune"]["epochs"] = 2
+    params["tracking"]["uri"] = f"sqlite:///{tmp_root / 'mlflow.db'}"
+    for key, value in overrides.items():
+        params[key] = value
+    return params
+
+
+@pytest.fixture
+def pipeline_workspace(tmp_path, monkeypatch):
+    """A temporary copy of the project (code, dvc.yaml, reduced params) as a git + DVC repository."""
+    import subprocess
+
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", "stages", "rcat"):
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, work / name)
+    (work / "data").mkdir()
+    (work / "data" / ".gitignore").write_text("/*\n!/.gitignore\n")
+    (work / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/mlartifacts/\n")
+    (work / "params.yaml").write_text(yaml.safe_dump(reduced_params(work), sort_keys=False))
+    env_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", env_bin + os.pathsep + os.environ["PATH"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=work, check=True)
+    return work
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect test harness for the whole session, with PREFECT_HOME in a temp directory."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
