@@ -1,0 +1,32 @@
+# Two entry points (see README): `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+# The CPU build of torch on this project's machines; users with a GPU can pass TORCH_SPEC=torch
+# (any release that satisfies pyproject's range) to keep their CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# DVC stage commands call `python`: make it the project's interpreter.
+export PATH := $(BIN):$(PATH)
+export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, so that resolving the project does not pull another torch build
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	dvc repro
+	@echo
+	@cat data/decide/decision.json | $(BIN)/python -c "import json,sys; d=json.load(sys.stdin); print('decision:', d['verdict'], d['candidate'] or '', '-', '; '.join(d['reasons']))"
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf data/prepared data/models data/attack_cache data/finetune data/evaluate data/decide mlflow.db mlruns mlartifacts

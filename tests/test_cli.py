@@ -1,0 +1,121 @@
+"""The ``rcat`` command line: the evaluate contract and one-line errors with non-zero exits."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from rcat.cli import EXIT_BAD_INPUT, app
+from rcat.models import save_model
+
+CONTRACT_KEYS = {"accuracy_old", "accuracy_new", "robust_accuracy_old", "robust_accuracy_new", "nfr", "pfr", "rnfr", "rpfr", "bnfr", "snfr", "btc", "bec", "n_samples"}
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model_files(tmp_path, trained_mlp):
+    """The trained MLP as 'old', and a copy with slightly perturbed weights as 'new'."""
+    network, spec = trained_mlp
+    old_path, new_path = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    save_model(network, spec, old_path)
+    perturbed = spec.build()
+    perturbed.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in perturbed.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    save_model(perturbed, spec, new_path)
+    return old_path, new_path
+
+
+@pytest.fixture
+def short_params(tmp_path):
+    from conftest import REPO_ROOT
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["attack"]["steps"] = 5
+    params["tracking"]["enabled"] = False
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_evaluate_contract(tmp_path, model_files, short_params):
+    old, new = model_files
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", "--old", str(old), "--new", str(new), "--data", "digits", "--split", "test", "--out", str(out), "--params", str(short_params)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(metrics)
+    assert metrics["n_samples"] == 360
+    for key in CONTRACT_KEYS - {"n_samples"}:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    flips = pd.read_parquet(out / "flips.parquet")
+    assert len(flips) == 360 and flips["sample_index"].is_unique
+    assert flips["negative_flip"].sum() == metrics["n_negative_flips"]
+    assert flips["robust_negative_flip"].mean() == pytest.approx(metrics["rnfr"])
+    # the perturbed model is worse: some negative flips must show up
+    assert metrics["n_negative_flips"] > 0
+
+
+def test_attack_single_model(tmp_path, model_files, short_params):
+    old, _ = model_files
+    out = tmp_path / "outcomes.parquet"
+    result = runner.invoke(app, ["attack", "--model", str(old), "--data", "digits", "--split", "validation", "--out", str(out), "--params", str(short_params)])
+    assert result.exit_code == 0, result.output
+    outcomes = pd.read_parquet(out)
+    assert len(outcomes) == 360
+    assert (outcomes["robust"] <= outcomes["clean_correct"]).all()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--old", "missing.safetensors"], "missing.safetensors"),
+        (["--data", "mnist"], "mnist"),
+        (["--split", "train"], "--split"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line(tmp_path, model_files, short_params, arguments, expected):
+    old, new = model_files
+    base = {"--old": str(old), "--new": str(new), "--data": "digits", "--out": str(tmp_path / "out"), "--split": "test"}
+    base.update(dict(zip(arguments[::2], arguments[1::2], strict=True)))
+    args = ["evaluate", "--params", str(short_params)] + [item for pair in base.items() for item in pair]
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_BAD_INPUT
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rcat: error:") and expected in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_params_key_names_it(tmp_path, model_files, short_params):
+    params = yaml.safe_load(short_params.read_text())
+    params["attack"]["stepz"] = 3
+    short_params.write_text(yaml.safe_dump(params))
+    old, new = model_files
+    result = runner.invoke(app, ["evaluate", "--old", str(old), "--new", str(new), "--data", "digits", "--out", str(tmp_path / "o"), "--params", str(short_params)])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "attack.stepz" in result.stderr and "steps" in result.stderr
+
+
+def test_pickled_model_is_refused_without_unpickling(tmp_path, model_files, short_params):
+    """A torch.save'd pickle given as a model is refused; its payload never runs."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.safetensors"
+    torch.save({"weights": Payload()}, evil)
+    _, new = model_files
+    result = runner.invoke(app, ["evaluate", "--old", str(evil), "--new", str(new), "--data", "digits", "--out", str(tmp_path / "o"), "--params", str(short_params)])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "evil.safetensors" in result.stderr
+    assert not marker.exists()

@@ -1,0 +1,75 @@
+"""End-to-end: the real DVC pipeline on reduced params in a temporary project."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def dvc(work, *args):
+    result = subprocess.run(["dvc", *args], cwd=work, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def test_dvc_repro_end_to_end(pipeline_workspace):
+    """repro runs every stage; a second repro runs none; metrics, decision and MLflow runs exist;
+    a change to one method's params reruns only that method's stages and the decision."""
+    work = pipeline_workspace
+    first = dvc(work, "repro")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    methods = list(params["finetune"]["methods"])
+    for stage in ["prepare", "train_old", "train_new", "attack_cache", "decide", *(f"finetune@{m}" for m in methods), *(f"evaluate@{m}" for m in methods)]:
+        assert f"Running stage '{stage}'" in first
+
+    second = dvc(work, "repro")
+    assert "Running stage" not in second
+    assert "Data and pipelines are up to date" in second
+
+    shown = json.loads(dvc(work, "metrics", "show", "--json"))
+    files = next(iter(shown.values()))["data"]
+    for method in methods:
+        metrics = files[f"data/evaluate/{method}/metrics.json"]["data"]
+        for split in ("validation", "test"):
+            for key in ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr", "snfr", "btc"):
+                assert 0.0 <= metrics[split][key] <= 1.0
+            assert metrics[split]["n_samples"] == 360
+
+    decision = json.loads((work / "data/decide/decision.json").read_text())
+    assert decision["verdict"] in {"promote", "reject"}
+    assert decision["reasons"]
+    assert set(decision["candidates"]) == {"new", *methods}
+    assert set(decision["inputs"]["models"]) == {"old", "new", *methods}
+    assert all(decision["inputs"]["models"].values())
+    assert set(decision["inputs"]["data"]) == {"finetune", "validation", "test"}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if run.data.tags.get("rcat.child") == "__parent__"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["rcat.verdict"] == decision["verdict"]
+    children = {run.data.tags["rcat.child"]: run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {f"candidate:{m}" for m in [*methods, "new"]} <= set(children)
+    for method in methods:
+        child = children[f"candidate:{method}"]
+        assert child.data.params["loss"] == params["finetune"]["methods"][method]["loss"]
+        assert child.data.metrics["test/rnfr"] == pytest.approx(files[f"data/evaluate/{method}/metrics.json"]["data"]["test"]["rnfr"])
+        artifacts = {item.path for item in client.list_artifacts(child.info.run_id)}
+        assert {"model", "flips"} <= artifacts
+
+    # Change only RCAT's beta: only its fine-tune, its evaluation and the decision are stale.
+    params["finetune"]["methods"]["rcat"]["beta"] = 0.3
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(json.loads(dvc(work, "status", "--json"))) == {"finetune@rcat", "decide"}
+    third = dvc(work, "repro")
+    ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
+    assert ran == {"finetune@rcat", "evaluate@rcat", "decide"}
