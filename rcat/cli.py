@@ -105,8 +105,12 @@ def stage(
 def run(params: ParamsOption = Path("params.yaml"), force: Annotated[bool, typer.Option(help="rerun every stage")] = False) -> None:
     """Run the default pipeline (the same as ``dvc repro``): DVC skips stages whose inputs did not change."""
     _params(params)  # fail fast on bad params, before DVC starts
+    # DVC and the stage commands (`python stages/...`) must resolve to this environment's tools,
+    # even when it is not activated.
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     command = ["dvc", "repro", *(["--force"] if force else [])]
-    code = subprocess.run(command, check=False).returncode
+    code = subprocess.run(command, check=False, env=env).returncode
     if code:
         fail(f"'{' '.join(command)}' failed with exit code {code}; see the stage's message above", code)
 

@@ -67,7 +67,7 @@ class DataConfig(Section):
         kind = value.split(":", 1)[0]
         if kind not in {"digits", "imagefolder"}:
             raise ValueError(f"unknown data source {value!r}; use 'digits' or 'imagefolder:PATH'")
-        if kind == "imagefolder" and not value.split(":", 1)[1:]:
+        if kind == "imagefolder" and not value.partition(":")[2].strip():
             raise ValueError("imagefolder needs a path: 'imagefolder:PATH'")
         return value
 

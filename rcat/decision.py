@@ -31,7 +31,8 @@ LOWER_IS_BETTER = {"snfr", "rnfr", "nfr"}
 
 def _value(metrics: dict[str, Any], key: str) -> float:
     value = metrics.get(key)
-    return math.nan if value is None else float(value)
+    value = math.nan if value is None else float(value)
+    return value if math.isfinite(value) else math.nan  # inf is not a measurement: fail closed like NaN
 
 
 def check_rules(metrics: dict[str, Any] | None, config: DecisionConfig, expected_samples: int | None) -> list[dict[str, Any]]:

@@ -76,6 +76,7 @@ def pct_loss(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tenso
 
     Used on clean inputs for ``pct`` and on adversarial inputs for ``pct_at``.
     """
+    old_logits = old_logits.detach()  # a fixed target: no gradient may reach the old model
     ce = F.cross_entropy(logits, labels)
     distance = logit_distance(logits, old_logits)
     old_correct = old_logits.argmax(1) == labels
@@ -90,6 +91,7 @@ def rcat_loss(logits: torch.Tensor, old_logits: torch.Tensor, new0_logits: torch
     O (old model correct) and N (frozen new model correct) are computed on the same adversarial
     input the loss sees. Denominators are clamped to at least 1.
     """
+    old_logits, new0_logits = old_logits.detach(), new0_logits.detach()  # fixed targets
     ce = F.cross_entropy(logits, labels)
     old_correct = old_logits.argmax(1) == labels
     new0_correct = new0_logits.argmax(1) == labels

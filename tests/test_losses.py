@@ -1,0 +1,193 @@
+"""Fine-tuning losses against formulas written out in the test, masks, normalisation, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rcat.losses import at_loss, logit_distance, masked_mean, pct_loss, rcat_loss
+
+
+
+def D(a: torch.Tensor, b: torch.Tensor) -> float:
+    """D(a, b) = (1 / (2C)) * sum_k (a_k - b_k)^2 for one sample, in plain Python."""
+    values_a, values_b = a.tolist(), b.tolist()
+    return sum((x - y) ** 2 for x, y in zip(values_a, values_b)) / (2 * len(values_a))
+
+
+def CE(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Batch-mean cross-entropy, in plain Python (log-sum-exp per row)."""
+    total = 0.0
+    for row, label in zip(logits.tolist(), labels.tolist()):
+        top = max(row)
+        total += top + math.log(sum(math.exp(v - top) for v in row)) - row[label]
+    return total / len(labels)
+
+
+def test_logit_distance_matches_formula():
+    a = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    b = torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 0.0]])
+    # row 0: (0 + 4 + 9) / 6 = 13/6 ; row 1: (4 + 4 + 16) / 6 = 4
+    assert logit_distance(a, b).tolist() == pytest.approx([13 / 6, 4.0])
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 5, generator=generator), torch.randn(7, 5, generator=generator)
+    expected = [D(x[i], y[i]) for i in range(7)]
+    assert logit_distance(x, y).shape == (7,)
+    assert logit_distance(x, y).tolist() == pytest.approx(expected, rel=1e-6)
+    assert logit_distance(x, x).abs().max() == 0.0
+    assert torch.allclose(logit_distance(x, y), logit_distance(y, x))
+
+
+def test_masked_mean_formula_and_empty_mask():
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    assert float(masked_mean(values, torch.tensor([True, False, True, False]))) == pytest.approx(2.0)
+    assert float(masked_mean(values, torch.tensor([False, False, False, True]))) == pytest.approx(10.0)
+    empty = masked_mean(values, torch.zeros(4, dtype=torch.bool))
+    assert float(empty) == 0.0 and not torch.isnan(empty)
+
+
+def test_at_loss_is_batch_mean_cross_entropy():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-2.0, 3.0, 0.0]])
+    labels = torch.tensor([0, 2, 0])
+    terms = at_loss(logits, labels)
+    assert float(terms.total) == pytest.approx(CE(logits, labels), rel=1e-6)
+    assert torch.equal(terms.total, terms.cross_entropy)
+    assert float(terms.distill_new) == float(terms.distill_old) == 0.0
+    assert terms.constrained_fraction == 0.0
+
+
+# Four samples, three classes. Masks chosen by construction:
+#   old model correct (argmax z_old == y) only on samples 0 and 2 (O = {0, 2});
+#   frozen new model correct only on sample 1 (N = {1}).
+LABELS = torch.tensor([0, 1, 2, 1])
+Z = torch.tensor([[0.3, -0.2, 0.9], [1.0, 0.5, -0.5], [0.0, 0.2, 0.4], [-1.0, 2.0, 0.7]])
+Z_OLD = torch.tensor([[2.0, 0.0, 1.0], [1.5, 0.0, 0.0], [0.0, 1.0, 3.0], [2.0, 1.0, 0.0]])
+Z_NEW0 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 4.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+O = [0, 2]
+N = [1]
+
+
+def test_constructed_masks_are_what_the_test_claims():
+    assert (Z_OLD.argmax(1) == LABELS).nonzero().flatten().tolist() == O
+    assert (Z_NEW0.argmax(1) == LABELS).nonzero().flatten().tolist() == N
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(0.5, 0.4), (0.0, 1.0), (1.0, 0.0), (0.2, 0.3)])
+def test_rcat_loss_matches_hand_formula_over_masked_samples(alpha, beta):
+    terms = rcat_loss(Z, Z_OLD, Z_NEW0, LABELS, alpha, beta)
+    ce = CE(Z, LABELS)
+    distill_new = alpha * sum(D(Z[i], Z_NEW0[i]) for i in N) / len(N)
+    distill_old = beta * sum(D(Z[i], Z_OLD[i]) for i in O) / len(O)
+    assert float(terms.cross_entropy) == pytest.approx((1 - alpha - beta) * ce, rel=1e-6, abs=1e-7)
+    assert float(terms.distill_new) == pytest.approx(distill_new, rel=1e-6, abs=1e-7)
+    assert float(terms.distill_old) == pytest.approx(distill_old, rel=1e-6, abs=1e-7)
+    assert float(terms.total) == pytest.approx((1 - alpha - beta) * ce + distill_new + distill_old, rel=1e-6)
+    assert terms.constrained_fraction == pytest.approx(len(O) / 4)
+
+
+def test_rcat_masked_terms_ignore_unselected_samples():
+    """Changing the reference logits of samples outside O / N (without changing who is correct)
+    must not change the distillation terms."""
+    base = rcat_loss(Z, Z_OLD, Z_NEW0, LABELS, 0.5, 0.4)
+    old_changed, new_changed = Z_OLD.clone(), Z_NEW0.clone()
+    old_changed[1] = torch.tensor([9.0, 1.0, 1.0])  # still wrong for label 1
+    old_changed[3] = torch.tensor([-5.0, -6.0, 4.0])  # still wrong for label 1
+    new_changed[0] = torch.tensor([-3.0, 7.0, 2.0])  # still wrong for label 0
+    new_changed[2] = torch.tensor([8.0, 0.0, -4.0])  # still wrong for label 2
+    changed = rcat_loss(Z, old_changed, new_changed, LABELS, 0.5, 0.4)
+    assert torch.equal(base.distill_old, changed.distill_old)
+    assert torch.equal(base.distill_new, changed.distill_new)
+    # ... while changing a selected sample's reference does change it
+    old_changed[0] = torch.tensor([5.0, 0.0, 0.0])
+    assert float(rcat_loss(Z, old_changed, Z_NEW0, LABELS, 0.5, 0.4).distill_old) != pytest.approx(float(base.distill_old))
+
+
+def test_rcat_with_zero_weights_equals_at_exactly():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 10, generator=generator)
+    labels = torch.randint(0, 10, (16,), generator=generator)
+    old, new0 = torch.randn(16, 10, generator=generator), torch.randn(16, 10, generator=generator)
+    rcat = rcat_loss(logits, old, new0, labels, 0.0, 0.0)
+    at = at_loss(logits, labels)
+    assert torch.equal(rcat.total, at.total)
+    assert float(rcat.distill_new) == float(rcat.distill_old) == 0.0
+
+
+def test_rcat_empty_masks_give_zero_not_nan():
+    labels = torch.tensor([0, 0, 0])
+    wrong = torch.tensor([[0.0, 1.0], [0.0, 2.0], [-1.0, 1.0]])  # nobody predicts class 0
+    logits = torch.tensor([[0.5, 0.1], [0.2, 0.3], [1.0, -1.0]], requires_grad=True)
+    terms = rcat_loss(logits, wrong, wrong, labels, 0.5, 0.4)
+    assert float(terms.distill_old.detach()) == 0.0 and float(terms.distill_new.detach()) == 0.0
+    assert torch.isfinite(terms.total)
+    assert float(terms.total.detach()) == pytest.approx(0.1 * CE(logits.detach(), labels), rel=1e-6)
+    assert terms.constrained_fraction == 0.0
+    terms.total.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 2.0), (0.0, 5.0), (0.7, 0.0)])
+def test_pct_loss_normalises_focal_term_by_batch_size(alpha, beta):
+    terms = pct_loss(Z, Z_OLD, LABELS, alpha, beta)
+    distances = [D(Z[i], Z_OLD[i]) for i in range(4)]
+    all_term = alpha * sum(distances) / 4
+    focal = beta * sum(distances[i] for i in O) / 4  # |B| = 4, not |O| = 2
+    assert float(terms.total) == pytest.approx(CE(Z, LABELS) + all_term + focal, rel=1e-6)
+    assert float(terms.distill_old) == pytest.approx(all_term + focal, rel=1e-6, abs=1e-7)
+    assert float(terms.cross_entropy) == pytest.approx(CE(Z, LABELS), rel=1e-6)
+    assert float(terms.distill_new) == 0.0
+    assert terms.constrained_fraction == pytest.approx(0.5)
+    if beta:
+        wrong_normalisation = CE(Z, LABELS) + all_term + beta * sum(distances[i] for i in O) / len(O)
+        assert float(terms.total) != pytest.approx(wrong_normalisation, rel=1e-4)
+
+
+def test_pct_with_zero_weights_is_cross_entropy():
+    assert torch.equal(pct_loss(Z, Z_OLD, LABELS, 0.0, 0.0).total, at_loss(Z, LABELS).total)
+
+
+def test_as_floats_reports_every_term():
+    floats = rcat_loss(Z, Z_OLD, Z_NEW0, LABELS, 0.5, 0.4).as_floats()
+    assert set(floats) == {"loss", "loss_cross_entropy", "loss_distill_new", "loss_distill_old", "constrained_fraction"}
+    assert floats["loss"] == pytest.approx(floats["loss_cross_entropy"] + floats["loss_distill_new"] + floats["loss_distill_old"], rel=1e-6)
+
+
+def hand_rcat_torch(z, z_old, z_new0, labels, alpha, beta):
+    """The RCAT formula with torch ops (for autograd), references treated as constants."""
+    z_old, z_new0 = z_old.detach(), z_new0.detach()
+    ce = torch.nn.functional.cross_entropy(z, labels)
+    old_mask = z_old.argmax(1) == labels
+    new_mask = z_new0.argmax(1) == labels
+    d_old = ((z - z_old) ** 2).sum(1) / (2 * z.shape[1])
+    d_new = ((z - z_new0) ** 2).sum(1) / (2 * z.shape[1])
+    return (1 - alpha - beta) * ce + alpha * d_new[new_mask].sum() / max(int(new_mask.sum()), 1) + beta * d_old[old_mask].sum() / max(int(old_mask.sum()), 1)
+
+
+@pytest.mark.parametrize("name", ["rcat", "pct"])
+def test_gradients_flow_only_through_finetuned_logits(name):
+    z = Z.clone().requires_grad_(True)
+    z_old = Z_OLD.clone().requires_grad_(True)
+    z_new0 = Z_NEW0.clone().requires_grad_(True)
+    if name == "rcat":
+        terms = rcat_loss(z, z_old, z_new0, LABELS, 0.5, 0.4)
+    else:
+        terms = pct_loss(z, z_old, LABELS, 1.0, 2.0)
+    terms.total.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert z_old.grad is None, "the old model's logits are a fixed target and must get no gradient"
+    assert z_new0.grad is None, "the frozen new model's logits are a fixed target and must get no gradient"
+
+
+def test_rcat_gradient_matches_hand_formula():
+    z = Z.clone().requires_grad_(True)
+    rcat_loss(z, Z_OLD, Z_NEW0, LABELS, 0.5, 0.4).total.backward()
+    reference = Z.clone().requires_grad_(True)
+    hand_rcat_torch(reference, Z_OLD, Z_NEW0, LABELS, 0.5, 0.4).backward()
+    assert torch.allclose(z.grad, reference.grad, atol=1e-6)
+    # the distillation toward the old model pulls sample 0 (in O) toward z_old, sample 3 (not in O, not in N) only by CE
+    ce_only = Z.clone().requires_grad_(True)
+    (0.1 * torch.nn.functional.cross_entropy(ce_only, LABELS)).backward()
+    assert torch.allclose(z.grad[3], ce_only.grad[3], atol=1e-7)
+    assert not torch.allclose(z.grad[0], ce_only.grad[0], atol=1e-4)
