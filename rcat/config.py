@@ -65,10 +65,11 @@ class DataConfig(Section):
     @classmethod
     def _known_source(cls, value: str) -> str:
         kind = value.split(":", 1)[0]
-        if kind not in {"digits", "imagefolder"}:
-            raise ValueError(f"unknown data source {value!r}; use 'digits' or 'imagefolder:PATH'")
-        if kind == "imagefolder" and not value.partition(":")[2].strip():
-            raise ValueError("imagefolder needs a path: 'imagefolder:PATH'")
+        with_path = {"imagefolder": "PATH", "npz": "PATH", "cifar10-binary": "DIR", "cifar10-python": "DIR"}
+        if kind != "digits" and kind not in with_path:
+            raise ValueError(f"unknown data source {value!r}; use 'digits', 'imagefolder:PATH', 'npz:PATH', 'cifar10-binary:DIR' or 'cifar10-python:DIR'")
+        if kind in with_path and not value.partition(":")[2].strip():
+            raise ValueError(f"{kind} needs a path: '{kind}:{with_path[kind]}'")
         return value
 
     @model_validator(mode="after")

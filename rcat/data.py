@@ -10,12 +10,31 @@ Sources (``DataConfig.source`` or the CLI's ``--data``):
   pixel values 0..16 scaled to [0, 1].
 * ``imagefolder:PATH``: ``PATH/<class>/<image>``, classes in sorted order = labels 0..K-1,
   any format Pillow reads, converted to RGB; all images must share one size.
+* ``npz:PATH``: a NumPy ``.npz`` archive with arrays ``images`` and ``labels``, read with
+  ``allow_pickle=False``. ``images`` is ``(N, C, H, W)`` or ``(N, H, W, C)`` (taken as channels-last
+  when the last dimension is 1 or 3 and the second is not), either uint8 (scaled by 1/255) or
+  float already in [0, 1]; ``labels`` holds integers 0..K-1 (K = largest label + 1). An optional
+  ``classes`` array of strings names the classes.
+* ``cifar10-binary:DIR``: the CIFAR-10 binary release (``cifar-10-batches-bin``): records of one
+  label byte followed by 3,072 pixel bytes (3x32x32, channel-major). Reads every
+  ``data_batch_*.bin`` present in DIR, in numeric order (normally 1..5, the 50,000 training images);
+  only when there is none, ``test_batch.bin``. Class names come from ``batches.meta.txt`` if present.
+* ``cifar10-python:DIR``: the CIFAR-10 python release (``cifar-10-batches-py``): pickled dicts
+  with keys ``b'data'`` (N x 3072 uint8) and ``b'labels'``. Same file choice as the binary release
+  (every ``data_batch_*``, else ``test_batch``). The pickles are read through
+  :class:`RestrictedUnpickler`, which allows only the globals needed to rebuild a numpy array and
+  refuses anything else, so a tampered file cannot run code.
 * a ``.safetensors`` split file written by :func:`save_split` (e.g. ``data/prepared/test.safetensors``).
+
+For the two CIFAR-10 sources DIR may also be the parent of the extracted ``cifar-10-batches-bin`` /
+``cifar-10-batches-py`` folder.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,15 +142,214 @@ def load_imagefolder(root: str | os.PathLike[str]) -> Dataset:
     return Dataset(images.contiguous(), torch.tensor(labels, dtype=torch.int64), tuple(classes), f"imagefolder:{root}")
 
 
+def _labels_from_array(labels: np.ndarray, n: int, where: str) -> torch.Tensor:
+    """Check and convert an integer label vector of length ``n``."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != (n,):
+        raise InputError(f"{where}: {n} images but labels of shape {labels.shape}; need one integer label per image")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise InputError(f"{where}: labels must be whole numbers, got non-integer floats")
+    elif labels.dtype.kind not in "iub":
+        raise InputError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if n and labels.min() < 0:
+        raise InputError(f"{where}: labels must be 0..K-1, found {int(labels.min())}")
+    return torch.from_numpy(labels)
+
+
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
+    """Read ``images`` and ``labels`` from a NumPy ``.npz`` archive (no pickle); see the module docstring."""
+    path = Path(path)
+    where = f"npz:{path}"
+    if not path.is_file():
+        raise InputError(f"{where}: file not found")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError ...
+        raise InputError(f"{where}: not a readable .npz archive ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"{where}: a single .npy array, not an .npz archive with 'images' and 'labels'; write it with np.savez")
+    with archive:
+        missing = [name for name in ("images", "labels") if name not in archive.files]
+        if missing:
+            raise InputError(f"{where}: missing array(s) {missing} (found {sorted(archive.files)}); save with np.savez(path, images=..., labels=...)")
+        try:
+            images = archive["images"]
+            labels = archive["labels"]
+            classes_array = archive["classes"] if "classes" in archive.files else None
+        except ValueError as exc:  # object arrays need pickle, which is refused
+            raise InputError(f"{where}: an array needs pickle to load ({exc}); store plain numeric arrays") from exc
+    if images.ndim != 4:
+        raise InputError(f"{where}: array 'images' must be (N, C, H, W) or (N, H, W, C), got shape {images.shape}")
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    if images.dtype == np.uint8:
+        tensor = torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0
+    elif images.dtype.kind == "f":
+        tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    else:
+        raise InputError(f"{where}: array 'images' has dtype {images.dtype}; use uint8 (0..255) or float in [0, 1]")
+    label_tensor = _labels_from_array(labels, images.shape[0], f"{where}: array 'labels'")
+    num_classes = int(label_tensor.max()) + 1 if len(label_tensor) else 0
+    if classes_array is not None:
+        classes = tuple(str(name) for name in np.asarray(classes_array).reshape(-1))
+        if len(classes) < num_classes:
+            raise InputError(f"{where}: array 'classes' names {len(classes)} classes but labels go up to {num_classes - 1}")
+    else:
+        classes = tuple(str(k) for k in range(num_classes))
+    return Dataset(tensor.contiguous(), label_tensor, classes, where)
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+
+
+def _cifar_directory(root: Path, release: str, where: str) -> Path:
+    """The folder holding the batch files: ``root`` itself or its extracted ``cifar-10-batches-*``."""
+    if not root.is_dir():
+        raise InputError(f"{where}: directory not found")
+    nested = root / f"cifar-10-batches-{release}"
+    pattern = "data_batch_*" + (".bin" if release == "bin" else "")
+    test_name = "test_batch" + (".bin" if release == "bin" else "")
+    if not any(root.glob(pattern)) and not (root / test_name).is_file() and nested.is_dir():
+        return nested
+    return root
+
+
+def _cifar_batch_files(root: Path, release: str, where: str) -> list[Path]:
+    """Every ``data_batch_N`` present, in numeric order; only when there is none, ``test_batch``."""
+    suffix = ".bin" if release == "bin" else ""
+    pattern = re.compile(r"data_batch_(\d+)" + re.escape(suffix) + "$")
+    batches = sorted((int(match.group(1)), entry) for entry in root.iterdir() if entry.is_file() and (match := pattern.match(entry.name)))
+    files = [entry for _, entry in batches]
+    if not files and (root / f"test_batch{suffix}").is_file():
+        files = [root / f"test_batch{suffix}"]
+    if not files:
+        raise InputError(f"{where}: no data_batch_N{suffix} or test_batch{suffix} files in {root}; point it at the extracted cifar-10-batches-{release} folder")
+    return files
+
+
+def _cifar_dataset(images: list[np.ndarray], labels: list[np.ndarray], classes: tuple[str, ...], where: str) -> Dataset:
+    data = np.concatenate(images).reshape(-1, 3, 32, 32)
+    label_tensor = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+    if len(label_tensor) and int(label_tensor.max()) >= len(classes):
+        raise InputError(f"{where}: label {int(label_tensor.max())} is out of range for {len(classes)} classes; the files are corrupt")
+    return Dataset(torch.from_numpy(data).float().div_(255.0), label_tensor, classes, where)
+
+
+def load_cifar10_binary(directory: str | os.PathLike[str]) -> Dataset:
+    """Read the CIFAR-10 binary release (label byte + 3,072 pixel bytes per record); see the module docstring."""
+    where = f"cifar10-binary:{directory}"
+    root = _cifar_directory(Path(directory), "bin", where)
+    images, labels = [], []
+    for file in _cifar_batch_files(root, "bin", where):
+        raw = np.fromfile(file, dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR10_RECORD:
+            raise InputError(f"{file}: {raw.size} bytes is not a whole number of {CIFAR10_RECORD}-byte CIFAR-10 records; the file is truncated or not CIFAR-10 binary, download it again")
+        records = raw.reshape(-1, CIFAR10_RECORD)
+        labels.append(records[:, 0])
+        images.append(records[:, 1:])
+    classes = CIFAR10_CLASSES
+    meta = root / "batches.meta.txt"
+    if meta.is_file():
+        names = tuple(line.strip() for line in meta.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+        if names:
+            classes = names
+    return _cifar_dataset(images, labels, classes, where)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild numpy arrays and plain containers, and nothing else.
+
+    Dicts, lists, tuples, strings, bytes and numbers need no global lookup; the only globals
+    allowed are the ones numpy's array pickling (protocols 2-4) refers to. Any other global (a
+    function such as ``os.system`` or ``open``, any class) raises :class:`InputError` before it
+    can be called.
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def __init__(self, file, *, where: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise InputError(f"{self.where}: the file tried to load the disallowed global {module}.{name} and was refused; only numpy arrays and plain containers may be unpickled")
+        return super().find_class(module, name)
+
+    @classmethod
+    def load_file(cls, path: Path) -> object:
+        try:
+            with open(path, "rb") as handle:
+                return cls(handle, where=str(path)).load()
+        except InputError:
+            raise
+        except Exception as exc:  # UnpicklingError, EOFError, ValueError ... from a corrupt file
+            raise InputError(f"{path}: not a readable CIFAR-10 python pickle ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _get(mapping: dict, key: str) -> object:
+    return mapping[key.encode()] if key.encode() in mapping else mapping.get(key)
+
+
+def load_cifar10_python(directory: str | os.PathLike[str]) -> Dataset:
+    """Read the CIFAR-10 python release through :class:`RestrictedUnpickler`; see the module docstring."""
+    where = f"cifar10-python:{directory}"
+    root = _cifar_directory(Path(directory), "py", where)
+    images, labels = [], []
+    for file in _cifar_batch_files(root, "py", where):
+        batch = RestrictedUnpickler.load_file(file)
+        if not isinstance(batch, dict):
+            raise InputError(f"{file}: expected a pickled dict with keys b'data' and b'labels', got {type(batch).__name__}")
+        data, batch_labels = _get(batch, "data"), _get(batch, "labels")
+        if not isinstance(data, np.ndarray) or batch_labels is None:
+            raise InputError(f"{file}: missing or bad b'data' / b'labels' (need a uint8 array and a label list)")
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise InputError(f"{file}: b'data' must be a uint8 array of shape (N, 3072), got {data.dtype} {data.shape}")
+        label_array = np.asarray(batch_labels)
+        if label_array.dtype.kind not in "iu" or label_array.shape != (data.shape[0],):
+            raise InputError(f"{file}: b'labels' must be {data.shape[0]} integers, got {label_array.dtype} {label_array.shape}")
+        images.append(data)
+        labels.append(label_array)
+    classes = CIFAR10_CLASSES
+    meta = root / "batches.meta"
+    if meta.is_file():
+        loaded = RestrictedUnpickler.load_file(meta)
+        names = _get(loaded, "label_names") if isinstance(loaded, dict) else None
+        if isinstance(names, list) and names:
+            classes = tuple(name.decode() if isinstance(name, bytes) else str(name) for name in names)
+    return _cifar_dataset(images, labels, classes, where)
+
+
+DATA_SOURCES_HELP = "'digits', 'imagefolder:PATH', 'npz:PATH', 'cifar10-binary:DIR', 'cifar10-python:DIR' or a .safetensors split file"
+
+
 def load_dataset(source: str) -> Dataset:
-    """Load a dataset by source string: ``digits`` or ``imagefolder:PATH``."""
+    """Load a dataset by source string (see the module docstring for the kinds)."""
     kind, _, argument = source.partition(":")
     if kind == "digits":
         dataset = load_digits_dataset()
     elif kind == "imagefolder" and argument:
         dataset = load_imagefolder(argument)
+    elif kind == "npz" and argument:
+        dataset = load_npz(argument)
+    elif kind == "cifar10-binary" and argument:
+        dataset = load_cifar10_binary(argument)
+    elif kind == "cifar10-python" and argument:
+        dataset = load_cifar10_python(argument)
     else:
-        raise InputError(f"data source {source!r}: unknown; use 'digits', 'imagefolder:PATH' or a .safetensors split file")
+        raise InputError(f"data source {source!r}: unknown; use {DATA_SOURCES_HELP}")
     validate_images(dataset.images, dataset.labels, source)
     return dataset
 

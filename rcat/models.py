@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,3 +174,156 @@ def check_model_on(model: LoadedModel, images: torch.Tensor, num_classes: int, w
         raise InputError(f"{model.path}: model returned logits of shape {tuple(logits.shape)}, expected (N, {num_classes})")
     if not torch.isfinite(logits).all():
         raise InputError(f"{model.path}: model produced NaN or inf logits on {where}")
+
+
+# ---------------------------------------------------------------- bring your own model
+
+FACTORY_PREFIX = "factory:"
+TORCHSCRIPT_PREFIX = "torchscript:"
+
+
+def _check_finite_weights(network: nn.Module, where: str) -> None:
+    for name, tensor in network.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputError(f"{where}: weight {name!r} contains NaN or inf; the model is broken, retrain or re-export it")
+
+
+def _read_state_dict(path: str, where: str) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file, or a torch state dict loaded with ``weights_only=True``."""
+    if path.endswith(".safetensors"):
+        tensors, _ = read_tensors(path)
+        return tensors
+    if not os.path.isfile(path):
+        raise InputError(f"{where}: weights file {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for code-carrying pickles, RuntimeError for non-torch files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise InputError(
+            f"{where}: {path} cannot be loaded as plain tensors (weights_only=True refused it: {first}); "
+            "it needs code to unpickle (e.g. a whole pickled nn.Module), which is not run. "
+            "Export a state_dict (torch.save(model.state_dict(), path)) or a .safetensors file instead"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a common checkpoint layout: {"state_dict": ..., "epoch": ...}
+    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise InputError(f"{where}: {path} is not a state dict (a mapping of names to tensors); export model.state_dict()")
+    return state
+
+
+def _import_factory(target: str, where: str) -> Callable[[], nn.Module]:
+    import importlib
+
+    module_name, _, attribute = target.rpartition(":")
+    if not module_name or not attribute:
+        raise InputError(f"{where}: expected 'factory:module.path:callable@WEIGHTS'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"{where}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+    factory: Any = module
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise InputError(f"{where}: module {module_name!r} has no attribute {attribute!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise InputError(f"{where}: {module_name}:{attribute} is not callable")
+    return factory
+
+
+def _load_factory(reference: str) -> tuple[nn.Module, str, dict[str, Any]]:
+    where = reference
+    target, _, weights = reference[len(FACTORY_PREFIX):].partition("@")
+    if not weights:
+        raise InputError(f"{where}: no weights; use 'factory:module.path:callable@WEIGHTS' (a .safetensors file or a torch state dict)")
+    factory = _import_factory(target, where)
+    network = factory()
+    if not isinstance(network, nn.Module):
+        raise InputError(f"{where}: {target} returned {type(network).__name__}, not a torch nn.Module")
+    state = _read_state_dict(weights, where)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{where}: weights {weights} do not fit the network built by {target} ({first})") from exc
+    return network, f"factory:{target}", {"weights": weights}
+
+
+def _load_torchscript(reference: str) -> tuple[nn.Module, str, dict[str, Any]]:
+    path = reference[len(TORCHSCRIPT_PREFIX):]
+    if not path:
+        raise InputError(f"{reference}: no path; use 'torchscript:PATH'")
+    if not os.path.isfile(path):
+        raise InputError(f"{reference}: file not found")
+    try:
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; loading existing archives still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            network = torch.jit.load(path, map_location="cpu")
+    except Exception as exc:  # RuntimeError for anything that is not a TorchScript archive
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise InputError(f"{reference}: not a TorchScript archive ({first}); export it with torch.jit.script(model).save(path)") from exc
+    return network, "torchscript", {"path": path}
+
+
+def load_model_reference(
+    reference: str,
+    device: torch.device | str = "cpu",
+    *,
+    num_classes: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> LoadedModel:
+    """Load a model from any supported reference, in eval mode on ``device``.
+
+    * a path to an rcat model file (:func:`load_model`); ``input_shape`` / ``num_classes``, if
+      given, must match its header, and ``normalization`` must not be given (the file carries its own);
+    * ``factory:module.path:callable@WEIGHTS``: imports ``module.path``, calls ``callable()`` for an
+      ``nn.Module`` and loads WEIGHTS into it (strictly): a ``.safetensors`` file, or a torch state
+      dict read with ``torch.load(..., weights_only=True)``; a file that needs code to unpickle is refused;
+    * ``torchscript:PATH``: a TorchScript archive (``torch.jit.load``; it cannot carry arbitrary Python).
+
+    For the last two, ``input_shape`` (C, H, W) is required; ``num_classes`` defaults to the width of
+    the logits on a zero input. ``normalization`` = (mean, std) wraps the network as
+    ``Sequential(Normalize(mean, std), network)`` so inputs (and attack budgets) stay in [0, 1] pixel
+    space. The returned spec records architecture ``factory:module.path:callable`` or
+    ``torchscript``; it describes the model but cannot rebuild it (:meth:`ModelSpec.build` knows only
+    the embedded architectures), so such models are not re-loadable through :func:`load_model`.
+    """
+    if not reference.startswith((FACTORY_PREFIX, TORCHSCRIPT_PREFIX)):
+        loaded = load_model(reference, device)
+        if normalization is not None:
+            raise InputError(f"{reference}: an rcat model file carries its own normalisation in its header; do not pass one")
+        if input_shape is not None and tuple(input_shape) != tuple(loaded.spec.input_shape):
+            raise InputError(f"{reference}: model expects inputs of shape {tuple(loaded.spec.input_shape)}, not {tuple(input_shape)}")
+        if num_classes is not None and num_classes != loaded.spec.num_classes:
+            raise InputError(f"{reference}: model outputs {loaded.spec.num_classes} classes, not {num_classes}")
+        return loaded
+
+    loader = _load_factory if reference.startswith(FACTORY_PREFIX) else _load_torchscript
+    network, architecture, kwargs = loader(reference)
+    if input_shape is None:
+        raise InputError(f"{reference}: pass input_shape=(C, H, W) for a factory or TorchScript model")
+    input_shape = tuple(int(size) for size in input_shape)
+    if normalization is not None:
+        mean, std = (tuple(float(v) for v in normalization[0]), tuple(float(v) for v in normalization[1]))
+        if len(mean) != len(std) or len(mean) not in (1, input_shape[0]):
+            raise InputError(f"{reference}: normalization needs one mean and one std per channel ({input_shape[0]}), got {len(mean)} and {len(std)}")
+        if any(value <= 0 for value in std):
+            raise InputError(f"{reference}: normalization std values must be positive, got {std}")
+        normalization = (mean, std)
+        network = nn.Sequential(Normalize(mean, std), network)
+    _check_finite_weights(network, reference)
+    network.eval()
+    if num_classes is None:
+        with torch.no_grad():
+            try:
+                logits = network(torch.zeros(1, *input_shape))
+            except Exception as exc:  # shape errors from inside the user's network
+                raise InputError(f"{reference}: forward pass on an input of shape {(1, *input_shape)} failed ({exc.__class__.__name__}: {exc})") from exc
+        if logits.ndim != 2:
+            raise InputError(f"{reference}: model returned logits of shape {tuple(logits.shape)}, expected (N, classes)")
+        num_classes = int(logits.shape[1])
+    spec = ModelSpec(architecture, input_shape, int(num_classes), kwargs, normalization)
+    digest = weights_digest(network)
+    network.to(device).eval()
+    return LoadedModel(network, spec, digest, reference, {"source": architecture})
