@@ -23,6 +23,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
 
+DATA_HELP = "digits | imagefolder:PATH | npz:PATH | cifar10-binary:DIR | cifar10-python:DIR | a split .safetensors"
+MeanOption = Annotated[str | None, typer.Option(help="per-channel mean, e.g. 0.49,0.48,0.45: a factory/TorchScript model then gets inputs normalised inside it")]
+StdOption = Annotated[str | None, typer.Option(help="per-channel std (with --mean)")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file (validated; unknown keys are rejected)")]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,10 +121,12 @@ def run(params: ParamsOption = Path("params.yaml"), force: Annotated[bool, typer
 @app.command()
 @user_errors
 def attack(
-    model: Annotated[Path | None, typer.Option(help="model file saved by rcat (.safetensors); omit to run the attack_cache stage")] = None,
-    data: Annotated[str | None, typer.Option(help="digits | imagefolder:PATH | a split .safetensors")] = None,
+    model: Annotated[str | None, typer.Option(help="an rcat model file, factory:module.path:callable@WEIGHTS, or torchscript:PATH; omit to run the attack_cache stage")] = None,
+    data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="output parquet of per-sample outcomes")] = None,
     split: Annotated[str, typer.Option(help="all | finetune | validation | test (split by params' data section)")] = "all",
+    mean: MeanOption = None,
+    std: StdOption = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Attack one model with the params' evaluation attack and write one row per sample; without
@@ -133,15 +138,14 @@ def attack(
         raise RcatError("attack --model needs --data and --out")
     from rcat import pipeline
     from rcat.data import load_data_argument
-    from rcat.models import load_model
     from rcat.runtime import resolve_device
     from rcat.safe_io import write_parquet
 
-    config = _params(params)
+    config = _params(params) if params.is_file() else _default_params()
     device = resolve_device(config.device)
-    loaded = load_model(model, device)
     samples = load_data_argument(data, config.data, config.seed, split)
-    outcomes = pipeline.attack_model_on_splits(loaded, model.stem, {samples.name: samples}, config.attack, config.seed, device)
+    loaded = _load_reference(model, samples, device, config, mean, std)
+    outcomes = pipeline.attack_model_on_splits(loaded, "model", {samples.name: samples}, config.attack, config.seed, device)
     write_parquet(out, outcomes)
     print(f"{out}: {len(outcomes)} samples, accuracy {outcomes['clean_correct'].mean():.4f}, robust accuracy {outcomes['robust'].mean():.4f}")
 
@@ -159,12 +163,14 @@ def finetune(
 @app.command()
 @user_errors
 def evaluate(
-    old: Annotated[Path | None, typer.Option(help="old model file; omit to evaluate a configured method")] = None,
-    new: Annotated[Path | None, typer.Option(help="new model file")] = None,
-    data: Annotated[str | None, typer.Option(help="digits | imagefolder:PATH | a split .safetensors")] = None,
+    old: Annotated[str | None, typer.Option(help="the old model: an rcat model file, factory:module.path:callable@WEIGHTS, or torchscript:PATH")] = None,
+    new: Annotated[str | None, typer.Option(help="the new model (same forms)")] = None,
+    data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="output directory for metrics.json and flips.parquet")] = None,
     split: Annotated[str, typer.Option(help="all | finetune | validation | test")] = "all",
     method: Annotated[str | None, typer.Option(help="evaluate a configured method's fine-tuned model instead")] = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Flip evaluation: attack both models (each with its own attack) and compare them.
@@ -179,13 +185,14 @@ def evaluate(
         raise RcatError("evaluate needs --old, --new, --data and --out (or --method NAME)")
     from rcat import pipeline
     from rcat.data import load_data_argument
-    from rcat.models import load_model
     from rcat.runtime import resolve_device
 
     config = _params(params) if params.is_file() else _default_params()
     device = resolve_device(config.device)
     samples = load_data_argument(data, config.data, config.seed, split)
-    metrics = pipeline.evaluate_pair(load_model(old, device), load_model(new, device), samples, config.attack, config.seed, device, out)
+    old_model = _load_reference(old, samples, device, config, mean, std)
+    new_model = _load_reference(new, samples, device, config, mean, std)
+    metrics = pipeline.evaluate_pair(old_model, new_model, samples, config.attack, config.seed, device, out)
     print(" ".join(f"{key}={metrics[key]:.4f}" for key in ("accuracy_old", "accuracy_new", "robust_accuracy_old", "robust_accuracy_new", "nfr", "rnfr")))
 
 
@@ -201,6 +208,32 @@ def decide(
     record = run_stage("decide", None, str(params))
     if fail_on_reject:
         require_promotion(record)
+
+
+def _load_reference(reference: str, samples: Any, device: Any, config: Any, mean: str | None, std: str | None) -> Any:
+    """Load a model reference for the data in ``samples``; factories named by the params are trusted."""
+    from rcat.models import FACTORY_PREFIX, check_model_on, load_model_reference
+
+    normalization = None
+    if (mean is None) != (std is None):
+        raise RcatError("--mean and --std go together")
+    if mean is not None and std is not None:
+        try:
+            normalization = (tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(",")))
+        except ValueError:
+            raise RcatError(f"--mean {mean!r} / --std {std!r}: comma-separated numbers expected") from None
+    is_file = not reference.startswith((FACTORY_PREFIX, "torchscript:"))
+    trusted = set(config.trusted_factories())
+    if reference.startswith(FACTORY_PREFIX):
+        trusted.add(reference[len(FACTORY_PREFIX):].partition("@")[0])
+    model = load_model_reference(
+        reference, device,
+        num_classes=None if is_file else samples.num_classes,
+        input_shape=None if is_file else tuple(samples.images.shape[1:]),
+        normalization=normalization, trusted_factories=trusted,
+    )
+    check_model_on(model, samples.images, samples.num_classes, f"data {samples.source}")
+    return model
 
 
 def _default_params() -> Any:

@@ -80,9 +80,34 @@ class DataConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    """Adversarial training of an embedded-default model from scratch (CE on training-attack points)."""
+class Normalization(Section):
+    """Per-channel input normalisation applied inside the model: ``(x - mean) / std``."""
 
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _matching(self) -> Normalization:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean and std need one value per channel each, got {len(self.mean)} and {len(self.std)}")
+        if any(value <= 0 for value in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class TrainConfig(Section):
+    """Where the old or new model comes from.
+
+    Without ``reference``: adversarial training from scratch (the embedded default: CE on the
+    training attack's points). With ``reference``: the user's own model is imported instead and
+    every training field is ignored. A reference is an rcat model file,
+    ``factory:module.path:callable@WEIGHTS`` (WEIGHTS a ``.safetensors`` file or a state dict,
+    loaded without unpickling code), or ``torchscript:PATH`` (evaluation only). ``normalization``
+    wraps a referenced model so that it takes inputs in [0, 1].
+    """
+
+    reference: str | None = None
+    normalization: Normalization | None = None
     architecture: str = "mlp"
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     data_fraction: Fraction = 1.0
@@ -186,6 +211,11 @@ class Params(Section):
         if value not in {"auto", "cpu", "cuda"} and not value.startswith("cuda:"):
             raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N")
         return value
+
+    def trusted_factories(self) -> frozenset[str]:
+        """The ``module:callable`` factories these params name: the only user code model files may build."""
+        references = (self.train_old.reference, self.train_new.reference)
+        return frozenset(ref[len("factory:"):].partition("@")[0] for ref in references if ref and ref.startswith("factory:"))
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -17,3 +17,18 @@ class ConfigError(InputError):
 
 class UpdateRejected(RcatError):
     """The update gate rejected the candidate (raised only where the caller asked to fail on reject)."""
+
+
+class TrackingError(RcatError):
+    """MLflow logging failed. Stages log only after writing their outputs, so those are complete."""
+
+
+class TrackingUnavailable(TrackingError):
+    """The MLflow tracking server or store did not answer (down, unreachable, locked), even after retries."""
+
+
+class OutputError(RcatError, OSError):
+    """An output could not be written (disk full, no permission). The previous file is unchanged.
+
+    Also an :class:`OSError`, so callers that caught the underlying error keep working.
+    """

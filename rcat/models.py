@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,15 +77,29 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
-    def build(self) -> nn.Module:
-        """Instantiate the (untrained) network; the normalisation layer, if any, comes first."""
-        if self.architecture not in ARCHITECTURES:
-            raise InputError(f"architecture {self.architecture!r} is unknown; use one of {sorted(ARCHITECTURES)}")
-        kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in self.kwargs.items()}
-        try:
-            network = ARCHITECTURES[self.architecture](self.input_shape, self.num_classes, **kwargs)
-        except TypeError as exc:
-            raise InputError(f"architecture_kwargs for {self.architecture!r}: {exc}") from exc
+    def build(self, trusted_factories: Collection[str] = ()) -> nn.Module:
+        """Instantiate the (untrained) network; the normalisation layer, if any, comes first.
+
+        An architecture ``factory:module.path:callable`` (a user's model, imported by the train
+        stage) is built only when ``module.path:callable`` is in ``trusted_factories``, which the
+        caller takes from its own params: a model file can name code, but never choose to run it.
+        """
+        if self.architecture.startswith(FACTORY_PREFIX):
+            target = self.architecture[len(FACTORY_PREFIX):]
+            if target not in trusted_factories:
+                raise InputError(
+                    f"model architecture {self.architecture!r} is user code that this run's params do not name; "
+                    f"set train_old.reference or train_new.reference to 'factory:{target}@WEIGHTS' to trust it"
+                )
+            network = _import_factory(target, self.architecture)()
+        elif self.architecture in ARCHITECTURES:
+            kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in self.kwargs.items()}
+            try:
+                network = ARCHITECTURES[self.architecture](self.input_shape, self.num_classes, **kwargs)
+            except TypeError as exc:
+                raise InputError(f"architecture_kwargs for {self.architecture!r}: {exc}") from exc
+        else:
+            raise InputError(f"architecture {self.architecture!r} is unknown; use one of {sorted(ARCHITECTURES)} or a factory reference")
         if self.normalization is None:
             return network
         return nn.Sequential(Normalize(*self.normalization), network)
@@ -140,11 +154,14 @@ def save_model(network: nn.Module, spec: ModelSpec, path: str | os.PathLike[str]
     return digest
 
 
-def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model file written by :func:`save_model` (no unpickling), check it, return it in eval mode."""
+def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu", trusted_factories: Collection[str] = ()) -> LoadedModel:
+    """Load a model file written by :func:`save_model` (no unpickling), check it, return it in eval mode.
+
+    ``trusted_factories``: see :meth:`ModelSpec.build`.
+    """
     tensors, metadata = read_tensors(path)
     spec = ModelSpec.from_metadata(metadata, str(path))
-    network = spec.build()
+    network = spec.build(trusted_factories)
     try:
         network.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -272,6 +289,7 @@ def load_model_reference(
     num_classes: int | None = None,
     input_shape: tuple[int, ...] | None = None,
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    trusted_factories: Collection[str] = (),
 ) -> LoadedModel:
     """Load a model from any supported reference, in eval mode on ``device``.
 
@@ -286,11 +304,12 @@ def load_model_reference(
     the logits on a zero input. ``normalization`` = (mean, std) wraps the network as
     ``Sequential(Normalize(mean, std), network)`` so inputs (and attack budgets) stay in [0, 1] pixel
     space. The returned spec records architecture ``factory:module.path:callable`` or
-    ``torchscript``; it describes the model but cannot rebuild it (:meth:`ModelSpec.build` knows only
-    the embedded architectures), so such models are not re-loadable through :func:`load_model`.
+    ``torchscript``. A factory model saved with :func:`save_model` reloads through :func:`load_model`
+    when its factory is passed in ``trusted_factories``; a TorchScript model cannot be rebuilt from a
+    model file (evaluate it from its archive instead).
     """
     if not reference.startswith((FACTORY_PREFIX, TORCHSCRIPT_PREFIX)):
-        loaded = load_model(reference, device)
+        loaded = load_model(reference, device, trusted_factories)
         if normalization is not None:
             raise InputError(f"{reference}: an rcat model file carries its own normalisation in its header; do not pass one")
         if input_shape is not None and tuple(input_shape) != tuple(loaded.spec.input_shape):

@@ -25,7 +25,7 @@ from rcat.decision import decide as decide_update
 from rcat.errors import InputError, UpdateRejected
 from rcat.finetune import adversarial_train, finetune
 from rcat.metrics import compare_outcomes
-from rcat.models import LoadedModel, ModelSpec, check_model_on, load_model, save_model
+from rcat.models import FACTORY_PREFIX, TORCHSCRIPT_PREFIX, LoadedModel, ModelSpec, check_model_on, load_model, load_model_reference, save_model
 from rcat.runtime import resolve_device, seed_everything
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
 from rcat.tracking import Tracker
@@ -116,6 +116,8 @@ def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = N
     config = params.train_old if role == "old" else params.train_new
     device = _device(params)
     seed_everything(config.seed)
+    if config.reference is not None:
+        return import_model(params, role, layout, tracker)
     split = subsample(load_split(layout.split("finetune")), config.data_fraction, config.seed)
     spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs))
     network = spec.build()
@@ -129,6 +131,37 @@ def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = N
                         "attack": config.attack.label()})
             for epoch, values in curves:
                 run.metrics({f"train/{k}": v for k, v in values.items()}, step=epoch)
+            run.tags({"rcat.weights_digest": digest})
+            run.artifact(layout.model(role), "model")
+    return digest
+
+
+def import_model(params: Params, role: str, layout: Layout, tracker: Tracker | None = None) -> str:
+    """Bring the user's own ``old`` or ``new`` model (``train_<role>.reference``) into the pipeline.
+
+    The model is loaded without unpickling code, checked against the data (input shape, classes,
+    finite logits) and written as an rcat model file whose header records where it came from.
+    """
+    config = params.train_old if role == "old" else params.train_new
+    reference = config.reference or ""
+    if reference.startswith(TORCHSCRIPT_PREFIX):
+        raise InputError(f"params.yaml: train_{role}.reference {reference!r}: TorchScript models can be evaluated "
+                         "('rcat evaluate') but not fine-tuned; export a state dict and use 'factory:module:callable@WEIGHTS'")
+    split = load_split(layout.split("finetune"))
+    normalization = None if config.normalization is None else (tuple(config.normalization.mean), tuple(config.normalization.std))
+    try:
+        model = load_model_reference(reference, "cpu", num_classes=split.num_classes, input_shape=tuple(split.images.shape[1:]),
+                                     normalization=normalization, trusted_factories=params.trusted_factories())
+    except InputError as exc:
+        raise InputError(f"params.yaml: train_{role}.reference: {exc}") from exc
+    check_model_on(model, split.images, split.num_classes, "the fine-tune split")
+    source = reference.partition("@")[2] if reference.startswith(FACTORY_PREFIX) else reference
+    extra = {"role": role, "imported_from": reference, "source_sha256": sha256_file(source) if Path(source).is_file() else "unknown"}
+    digest = save_model(model.network, model.spec, layout.model(role), extra=extra)
+    write_json(layout.training_history(role), {"role": role, "imported_from": reference, "epochs": [], "weights_digest": digest})
+    if tracker is not None:
+        with tracker.child(f"train_{role}", "stage") as run:
+            run.params({"reference": reference})
             run.tags({"rcat.weights_digest": digest})
             run.artifact(layout.model(role), "model")
     return digest
@@ -166,8 +199,8 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
     """
     device = _device(params)
     splits = {name: load_split(layout.split(name)) for name in SPLIT_NAMES}
-    old = load_model(layout.model("old"), device)
-    new = load_model(layout.model("new"), device)
+    old = load_model(layout.model("old"), device, params.trusted_factories())
+    new = load_model(layout.model("new"), device, params.trusted_factories())
     outcomes = {role: attack_model_on_splits(model, role, splits, params.attack, params.seed, device) for role, model in (("old", old), ("new", new))}
     frame = pd.concat(outcomes.values(), ignore_index=True)
     provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old.digest, "new_digest": new.digest}
@@ -219,8 +252,8 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
     device = _device(params)
     seed_everything(params.finetune.seed)
     split = load_split(layout.split("finetune"))
-    old = load_model(layout.model("old"), device)
-    new = load_model(layout.model("new"), device)
+    old = load_model(layout.model("old"), device, params.trusted_factories())
+    new = load_model(layout.model("new"), device, params.trusted_factories())
     for model in (old, new):
         check_model_on(model, split.images, split.num_classes, "the fine-tune split")
     curves: list[tuple[int, dict[str, float]]] = []
@@ -254,9 +287,9 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
         raise InputError(f"params.yaml: finetune.methods has no method {method_name!r}")
     device = _device(params)
     splits = {name: load_split(layout.split(name)) for name in EVALUATED_SPLITS}
-    old_digest = load_model(layout.model("old")).digest
+    old_digest = load_model(layout.model("old"), "cpu", params.trusted_factories()).digest
     old_outcomes = load_cached_outcomes(layout, "old", splits, params.attack, old_digest)
-    model = load_model(layout.finetuned(method_name), device)
+    model = load_model(layout.finetuned(method_name), device, params.trusted_factories())
     outcomes = attack_model_on_splits(model, method_name, splits, params.attack, params.seed, device)
     metrics, flips = _split_metrics(old_outcomes, outcomes, EVALUATED_SPLITS)
     out = layout.evaluation(method_name)

@@ -8,10 +8,14 @@ Nothing here unpickles: tensors travel as safetensors, tables as parquet, record
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import math
 import os
+import re
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rcat.errors import InputError
+from rcat.errors import InputError, OutputError
 
 
 @contextlib.contextmanager
@@ -30,21 +34,44 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same directory so the final ``os.replace`` is atomic on
-    POSIX file systems. On any exception the temporary file is removed and ``path`` is untouched.
+    POSIX file systems. On any exception the temporary file is removed and ``path`` is untouched;
+    an :class:`OSError` (disk full, no permission) becomes a one-line :class:`OutputError`.
+    Temporary files of ``path`` left by a killed writer are removed first (one writer per output,
+    as under DVC, is assumed).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A process killed mid-write (SIGKILL, power loss) cannot remove its temporary file: drop
+        # such leftovers of this target, so they do not pile up in directories DVC hashes as deps.
+        leftover = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")  # tempfile.mkstemp's names
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            if leftover.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _output_error(target, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise _output_error(target, exc) from exc
         raise
+
+
+def _output_error(target: Path, exc: OSError) -> OutputError:
+    """One line for a failed write (disk full, permissions): what failed, that nothing changed, what to do."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = "free disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the directory's space and permissions"
+    error = OutputError(f"{target}: could not write ({reason}); the previous file, if any, is unchanged; {fix} and rerun")
+    error.errno = exc.errno
+    return error
 
 
 def _json_default(value: Any) -> Any:
@@ -126,7 +153,30 @@ def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tens
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        _canonical_safetensors_header(tmp)
     return Path(path)
+
+
+def _canonical_safetensors_header(path: Path) -> None:
+    """Rewrite the JSON header of a safetensors file with sorted keys.
+
+    safetensors serialises the metadata from a Rust hash map whose order changes from call to
+    call, so the same tensors and metadata gave different bytes, different DVC hashes and
+    needless reruns downstream. Sorted keys make the file a function of its content.
+    """
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+        if len(text) == length:
+            handle.seek(8)
+            handle.write(text)
+            return
+        data = handle.read()
+        handle.seek(0)
+        handle.write(struct.pack("<Q", len(text)) + text + data)
+        handle.truncate()
 
 
 def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

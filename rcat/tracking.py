@@ -10,6 +10,14 @@ Metric names are one scheme for every candidate, so the MLflow UI compares them 
 ``train/<term>`` with the epoch as step. The decision is stored as tags on the parent run.
 
 Only the driving process logs (never parallel workers): SQLite stores lock under concurrent writers.
+
+Failing fast: MLflow's HTTP client retries a dead server for minutes by default (7 retries with
+exponential backoff, 120 s timeout per request). :class:`Tracker` lowers those defaults (only where
+the environment does not set them) and retries each call itself a bounded number of times
+(:data:`ATTEMPTS`, short backoff). A call that still fails raises
+:class:`~rcat.errors.TrackingUnavailable` (or :class:`~rcat.errors.TrackingError` for a request the
+store refused) with one line naming the URI. Stages log only after writing their outputs, so the
+outputs are complete when this happens.
 """
 
 from __future__ import annotations
@@ -17,21 +25,85 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from rcat.config import Params, TrackingConfig
+from rcat.errors import TrackingError, TrackingUnavailable
 from rcat.runtime import code_revision
 from rcat.safe_io import sha256_json
 
 PIPELINE_KEY_TAG = "rcat.pipeline_key"
 CHILD_TAG = "rcat.child"
 
+ATTEMPTS = 3
+"""Attempts per MLflow call before giving up (connection errors, timeouts, 5xx, locked SQLite)."""
+BACKOFF_SECONDS = (0.5, 1.0)
+"""Pause before the second and the third attempt."""
+HTTP_DEFAULTS = {
+    # MLflow's own retry layer is switched off: :meth:`Tracker._call` retries instead, boundedly.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    # per request (connect and read); a server that accepts connections but never answers
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+"""MLflow HTTP client settings applied with ``os.environ.setdefault``: the environment wins."""
+
 
 def tracking_uri(config: TrackingConfig) -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the params' URI (default ``sqlite:///mlflow.db``)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a ``user:password@`` part, safe to print."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", uri)
+
+
+def _is_tracking_failure(exc: BaseException) -> bool:
+    """Exceptions that mean "the tracking store failed", as opposed to a bug in rcat."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (MlflowException, OSError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(exc, requests.RequestException):
+            return True
+    except ImportError:  # pragma: no cover - requests ships with mlflow
+        pass
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        return isinstance(exc, SQLAlchemyError)
+    except ImportError:  # pragma: no cover - sqlalchemy ships with mlflow
+        return False
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: no answer, a timeout, a server error, a locked database; not a refused request."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return status >= 500 or status == 429
+    return True
+
+
+def _short_cause(exc: BaseException) -> str:
+    """The gist of an MLflow/requests error in a few words (their messages nest whole reprs)."""
+    text = " ".join(str(exc).split())
+    errno = re.search(r"\[Errno -?\d+\] [^\"'):]+", text)
+    if errno:
+        return errno.group(0).strip()
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return "timed out"
+    return text[:200] + ("…" if len(text) > 200 else "") or type(exc).__name__
 
 
 def pipeline_key(params: Params, revision: str) -> str:
@@ -97,8 +169,26 @@ class NullLogger(RunLogger):
     def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None: ...
 
 
+class _GuardedClient:
+    """An ``MlflowClient`` whose every method goes through :meth:`Tracker._call` (bounded retry, clear error)."""
+
+    def __init__(self, client: Any, tracker: Tracker) -> None:
+        self._inner = client
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: self._tracker._call(attribute, *args, **kwargs)
+
+
 class Tracker:
-    """Finds or creates the parent run of this pipeline configuration and its child runs."""
+    """Finds or creates the parent run of this pipeline configuration and its child runs.
+
+    Every MLflow call is retried at most :data:`ATTEMPTS` times; a tracking store that still fails
+    raises :class:`~rcat.errors.TrackingUnavailable` / :class:`~rcat.errors.TrackingError`.
+    """
 
     def __init__(self, params: Params, root: str | Path = ".") -> None:
         self.params = params
@@ -107,6 +197,35 @@ class Tracker:
         self.key = pipeline_key(params, self.revision)
         self._client: Any = None
         self._experiment_id: str | None = None
+        self._logging: str | None = None  # the run being logged, for error messages
+
+    @property
+    def uri(self) -> str:
+        return tracking_uri(self.config)
+
+    def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``function`` (an MLflow client method); retry transient failures, then raise one clear error."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return function(*args, **kwargs)
+            except Exception as exc:
+                if not _is_tracking_failure(exc):
+                    raise
+                if _is_transient(exc) and attempt < ATTEMPTS:
+                    time.sleep(BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS)) - 1])
+                    continue
+                raise self._failure(exc, attempt) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failure(self, exc: BaseException, attempts: int) -> TrackingError:
+        where = f" while logging {self._logging!r}" if self._logging else ""
+        fix = ("the stage's outputs were written completely, only their MLflow logging is missing; "
+               "start the tracking server (or point MLFLOW_TRACKING_URI at a running one), "
+               "or set tracking.enabled: false in params.yaml")
+        uri = redact_uri(self.uri)
+        if _is_transient(exc):
+            return TrackingUnavailable(f"MLflow tracking at {uri} did not answer after {attempts} attempts ({_short_cause(exc)}){where}; {fix}")
+        return TrackingError(f"MLflow tracking at {uri} refused a request ({_short_cause(exc)}){where}; {fix}")
 
     @property
     def enabled(self) -> bool:
@@ -116,11 +235,14 @@ class Tracker:
         if self._client is not None:
             return
         os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         from mlflow.tracking import MlflowClient
 
-        self._client = MlflowClient(tracking_uri=tracking_uri(self.config))
-        experiment = self._client.get_experiment_by_name(self.config.experiment)
-        self._experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(self.config.experiment)
+        client = _GuardedClient(self._call(MlflowClient, tracking_uri=self.uri), self)
+        experiment = client.get_experiment_by_name(self.config.experiment)
+        self._experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.config.experiment)
+        self._client = client  # only once connected: a failed connect is retried by the next call
 
     def _find(self, extra_filter: str) -> str | None:
         runs = self._client.search_runs(
@@ -152,6 +274,7 @@ class Tracker:
         if not self.enabled:
             yield NullLogger()
             return
+        self._logging = name
         parent = self.parent()
         run_id = self._find(f"tags.`{CHILD_TAG}` = '{name}'")
         if run_id is None:
@@ -166,10 +289,14 @@ class Tracker:
         logger = RunLogger(self._client, run_id)
         try:
             yield logger
+        except TrackingError:
+            raise  # the store is failing: marking the run FAILED would fail (and retry) too
         except BaseException:
-            self._client.set_terminated(run_id, status="FAILED")
+            with contextlib.suppress(TrackingError):  # keep the original error
+                self._client.set_terminated(run_id, status="FAILED")
             raise
         self._client.set_terminated(run_id, status="FINISHED")
+        self._logging = None
 
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.enabled:
