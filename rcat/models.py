@@ -197,6 +197,42 @@ def check_model_on(model: LoadedModel, images: torch.Tensor, num_classes: int, w
 
 FACTORY_PREFIX = "factory:"
 TORCHSCRIPT_PREFIX = "torchscript:"
+MLFLOW_PREFIXES = ("models:/", "runs:/")
+
+
+def _load_mlflow(reference: str, device: torch.device | str, trusted_factories: Collection[str]) -> LoadedModel:
+    """Download an MLflow model or run artifact and load the rcat model file in it.
+
+    MLflow's own model flavours unpickle by default (``pickle``) or need torch.export (``pt2``);
+    rcat loads neither: the artifact must hold an rcat model file (safetensors), as the pipeline logs.
+    """
+    import tempfile
+    from pathlib import Path
+
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # defence in depth: never unpickle
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="rcat-mlflow-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=tmp))
+        except Exception as exc:  # MlflowException (not found), connection errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise InputError(f"{reference}: cannot fetch it from MLflow at {mlflow.get_tracking_uri()} ({first})") from exc
+        files = [local] if local.is_file() else sorted(local.rglob("*.safetensors"))
+        models = []
+        for file in files:
+            try:
+                models.append(load_model(file, device, trusted_factories))
+            except InputError as exc:
+                if "not an rcat model file" not in str(exc):
+                    raise InputError(f"{reference}: {exc}") from exc
+        if len(models) != 1:
+            flavour = " (an MLflow model flavour, which would need unpickling or torch.export)" if local.is_dir() and (local / "MLmodel").is_file() else ""
+            raise InputError(f"{reference}: expected exactly one rcat model file (.safetensors) in the artifact, found {len(models)}{flavour}; "
+                             "log the model file that rcat writes (save_model) as the artifact")
+        loaded = models[0]
+        loaded.path = reference
+        return loaded
 
 
 def _check_finite_weights(network: nn.Module, where: str) -> None:
@@ -221,11 +257,40 @@ def _read_state_dict(path: str, where: str) -> dict[str, torch.Tensor]:
             "it needs code to unpickle (e.g. a whole pickled nn.Module), which is not run. "
             "Export a state_dict (torch.save(model.state_dict(), path)) or a .safetensors file instead"
         ) from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a common checkpoint layout: {"state_dict": ..., "epoch": ...}
+    for key in ("state_dict", "model_state_dict"):  # common checkpoint layouts, e.g. RobustBench's
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
     if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
         raise InputError(f"{where}: {path} is not a state dict (a mapping of names to tensors); export model.state_dict()")
     return state
+
+
+def check_bundled_copies(module_name: str) -> None:
+    """Refuse the stale ``robustbench`` / ``autoattack`` copies that torchattacks' wheel installs.
+
+    torchattacks 3.3 ships top-level ``robustbench`` and ``autoattack`` packages inside its own
+    wheel, so ``import robustbench`` can load an old copy that no ``robustbench`` distribution
+    owns. We detect that by asking which installed distribution owns the imported file.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    top = module_name.split(".", 1)[0]
+    if top not in {"robustbench", "autoattack"}:
+        return
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:
+        return
+    owners = importlib.metadata.packages_distributions().get(top, [])
+    if owners and all(owner.lower() == "torchattacks" for owner in owners):
+        raise InputError(
+            f"'{top}' at {spec.origin} is the stale copy bundled in torchattacks' wheel, not the real package; "
+            f"install the real one after torchattacks (pip install {'robustbench' if top == 'robustbench' else 'pyautoattack'}), "
+            "or point the factory at your own copy of the architecture"
+        )
 
 
 def _import_factory(target: str, where: str) -> Callable[[], nn.Module]:
@@ -234,6 +299,7 @@ def _import_factory(target: str, where: str) -> Callable[[], nn.Module]:
     module_name, _, attribute = target.rpartition(":")
     if not module_name or not attribute:
         raise InputError(f"{where}: expected 'factory:module.path:callable@WEIGHTS'")
+    check_bundled_copies(module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -293,6 +359,8 @@ def load_model_reference(
 ) -> LoadedModel:
     """Load a model from any supported reference, in eval mode on ``device``.
 
+    * ``models:/name@alias``, ``models:/name/version`` or ``runs:/id/path``: an rcat model file
+      logged to MLflow (downloaded, never unpickled; see :func:`_load_mlflow`);
     * a path to an rcat model file (:func:`load_model`); ``input_shape`` / ``num_classes``, if
       given, must match its header, and ``normalization`` must not be given (the file carries its own);
     * ``factory:module.path:callable@WEIGHTS``: imports ``module.path``, calls ``callable()`` for an
@@ -308,6 +376,8 @@ def load_model_reference(
     when its factory is passed in ``trusted_factories``; a TorchScript model cannot be rebuilt from a
     model file (evaluate it from its archive instead).
     """
+    if reference.startswith(MLFLOW_PREFIXES):
+        return _load_mlflow(reference, device, trusted_factories)
     if not reference.startswith((FACTORY_PREFIX, TORCHSCRIPT_PREFIX)):
         loaded = load_model(reference, device, trusted_factories)
         if normalization is not None:

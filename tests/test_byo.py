@@ -103,3 +103,68 @@ def test_torchscript_reference_cannot_be_finetuned(example, factories, tmp_path)
     raw["train_old"]["reference"] = "torchscript:whatever.pt"
     with pytest.raises(InputError, match="TorchScript"):
         pipeline.import_model(parse_params(raw), "old", pipeline.Layout(tmp_path / "data"))
+
+
+def test_mlflow_model_uri_loads_rcat_file_without_unpickling(tmp_path, monkeypatch, trained_mlp):
+    """models:/name@alias resolves through the registry to the logged rcat model file."""
+    from mlflow.tracking import MlflowClient
+
+    from rcat.models import load_model_reference
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    network, spec = trained_mlp
+    save_model(network, spec, tmp_path / "model.safetensors")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("byo"))
+    client.log_artifact(run.info.run_id, str(tmp_path / "model.safetensors"), "model")
+    client.create_registered_model("digits")
+    version = client.create_model_version("digits", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("digits", "champion", version.version)
+
+    loaded = load_model_reference("models:/digits@champion")
+    assert loaded.path == "models:/digits@champion"
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(loaded.network(x), network(x))
+
+    # an artifact holding a pickle, not an rcat model file, is refused and never unpickled
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    client.log_artifact(run.info.run_id, str(tmp_path / "evil.pt"), "pickled")
+    with pytest.raises(InputError, match="exactly one rcat model file"):
+        load_model_reference(f"runs:/{run.info.run_id}/pickled")
+    with pytest.raises(InputError, match="cannot fetch"):
+        load_model_reference("models:/digits@nonexistent")
+    assert not marker.exists()
+
+
+def test_stale_robustbench_copy_is_detected():
+    """torchattacks 3.3's wheel installs its own old 'robustbench'; a factory importing it is refused."""
+    import importlib.metadata
+
+    from rcat.models import check_bundled_copies
+
+    owners = importlib.metadata.packages_distributions().get("robustbench", [])
+    if owners != ["torchattacks"]:
+        pytest.skip(f"robustbench here is owned by {owners or 'nothing'}, not torchattacks' bundled copy")
+    with pytest.raises(InputError, match="stale copy bundled in torchattacks"):
+        check_bundled_copies("robustbench.model_zoo.cifar10")
+    check_bundled_copies("my_models")  # anything else passes
+
+
+def test_dataparallel_checkpoint_layout(tmp_path, factories):
+    """{'state_dict': {'module.<name>': ...}} (a DataParallel checkpoint, RobustBench's layout) loads."""
+    from my_models import digit_mlp
+
+    from rcat.models import load_model_reference
+
+    network = digit_mlp()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}, "epoch": 3}, tmp_path / "ckpt.pt")
+    loaded = load_model_reference(f"factory:my_models:digit_mlp@{tmp_path / 'ckpt.pt'}", input_shape=(3, 8, 8))
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(loaded.network(x), network.eval()(x))
