@@ -57,6 +57,8 @@ class DataConfig(Section):
     """The data source and its seeded, stratified split into fine-tune / validation / test."""
 
     source: str = "digits"
+    resize: Annotated[int, Field(ge=1, le=4096)] | None = None  # shorter side, in pixels (bilinear, antialiased)
+    center_crop: Annotated[int, Field(ge=1, le=4096)] | None = None  # square centre crop after resizing
     finetune_fraction: Fraction = 0.6
     validation_fraction: Fraction = 0.2
     test_fraction: Fraction = 0.2

@@ -37,6 +37,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,8 +110,45 @@ def load_digits_dataset() -> Dataset:
     return Dataset(images, labels, tuple(str(name) for name in bunch.target_names), "digits")
 
 
-def load_imagefolder(root: str | os.PathLike[str]) -> Dataset:
-    """Read ``root/<class>/<image>`` (sorted class names are labels 0..K-1) as RGB in [0, 1]."""
+def _resize_and_crop(image: Any, resize: int | None, center_crop: int | None) -> Any:
+    """PIL: scale the shorter side to ``resize`` (bilinear, antialiased), then crop the centre square."""
+    from PIL import Image
+
+    if resize is not None:
+        width, height = image.size
+        scale = resize / min(width, height)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    if center_crop is not None:
+        width, height = image.size
+        if center_crop > min(width, height):
+            raise InputError(f"data.center_crop {center_crop} is larger than the image ({width}x{height}); lower it or set data.resize")
+        left, top = (width - center_crop) // 2, (height - center_crop) // 2
+        image = image.crop((left, top, left + center_crop, top + center_crop))
+    return image
+
+
+def transform_images(images: torch.Tensor, resize: int | None, center_crop: int | None) -> torch.Tensor:
+    """The same transforms on an ``(N, C, H, W)`` tensor: shorter side to ``resize``, centre crop."""
+    if resize is not None:
+        height, width = images.shape[-2:]
+        scale = resize / min(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0.0, 1.0)
+    if center_crop is not None:
+        height, width = images.shape[-2:]
+        if center_crop > min(height, width):
+            raise InputError(f"data.center_crop {center_crop} is larger than the images ({width}x{height}); lower it or set data.resize")
+        top, left = (height - center_crop) // 2, (width - center_crop) // 2
+        images = images[..., top : top + center_crop, left : left + center_crop]
+    return images.contiguous()
+
+
+def load_imagefolder(root: str | os.PathLike[str], resize: int | None = None, center_crop: int | None = None) -> Dataset:
+    """Read ``root/<class>/<image>`` (sorted class names are labels 0..K-1) as RGB in [0, 1].
+
+    ``resize`` / ``center_crop`` are applied to each image as it is read, so a folder of mixed
+    sizes loads when they bring every image to one size.
+    """
     from PIL import Image, UnidentifiedImageError
 
     root = Path(root)
@@ -127,13 +165,13 @@ def load_imagefolder(root: str | os.PathLike[str]) -> Dataset:
         for file in files:
             try:
                 with Image.open(file) as image:
-                    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                    array = np.asarray(_resize_and_crop(image.convert("RGB"), resize, center_crop), dtype=np.uint8)
             except (UnidentifiedImageError, OSError) as exc:
                 raise InputError(f"{file}: unreadable or truncated image ({exc.__class__.__name__}); remove or replace it") from exc
             if shape is None:
                 shape = array.shape
             elif array.shape != shape:
-                raise InputError(f"{file}: size {array.shape[1]}x{array.shape[0]} differs from {shape[1]}x{shape[0]} of the first image; resize the folder to one size")
+                raise InputError(f"{file}: size {array.shape[1]}x{array.shape[0]} differs from {shape[1]}x{shape[0]} of the first image; set data.resize and data.center_crop")
             arrays.append(array)
             labels.append(label)
     if not arrays:
@@ -335,13 +373,16 @@ def load_cifar10_python(directory: str | os.PathLike[str]) -> Dataset:
 DATA_SOURCES_HELP = "'digits', 'imagefolder:PATH', 'npz:PATH', 'cifar10-binary:DIR', 'cifar10-python:DIR' or a .safetensors split file"
 
 
-def load_dataset(source: str) -> Dataset:
-    """Load a dataset by source string (see the module docstring for the kinds)."""
+def load_dataset(source: str, resize: int | None = None, center_crop: int | None = None) -> Dataset:
+    """Load a dataset by source string (see the module docstring for the kinds), then apply the
+    transforms: shorter side to ``resize`` (bilinear, antialiased), then a centre crop."""
     kind, _, argument = source.partition(":")
+    if kind == "imagefolder" and argument:
+        dataset = load_imagefolder(argument, resize, center_crop)
+        validate_images(dataset.images, dataset.labels, source)
+        return dataset
     if kind == "digits":
         dataset = load_digits_dataset()
-    elif kind == "imagefolder" and argument:
-        dataset = load_imagefolder(argument)
     elif kind == "npz" and argument:
         dataset = load_npz(argument)
     elif kind == "cifar10-binary" and argument:
@@ -350,6 +391,8 @@ def load_dataset(source: str) -> Dataset:
         dataset = load_cifar10_python(argument)
     else:
         raise InputError(f"data source {source!r}: unknown; use {DATA_SOURCES_HELP}")
+    if resize is not None or center_crop is not None:
+        dataset = Dataset(transform_images(dataset.images, resize, center_crop), dataset.labels, dataset.classes, dataset.source)
     validate_images(dataset.images, dataset.labels, source)
     return dataset
 
@@ -417,7 +460,7 @@ def load_data_argument(data: str, config: DataConfig, seed: int, split: str = "a
     """Resolve the CLI's ``--data``: a split file, or a source (whole dataset or one named split)."""
     if data.endswith(".safetensors"):
         return load_split(data)
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, config.resize, config.center_crop)
     if split == "all":
         everything = torch.arange(len(dataset.labels))
         return Split("all", dataset.images, dataset.labels, everything, dataset.num_classes, dataset.source)

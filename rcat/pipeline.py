@@ -89,7 +89,7 @@ def _provenance(split: Split, model: LoadedModel, role: str) -> dict[str, str]:
 
 def prepare(params: Params, layout: Layout, tracker: Tracker | None = None) -> dict[str, Any]:
     """Load the data source, split it (seeded, stratified), write each split and a manifest of digests."""
-    dataset = load_dataset(params.data.source)
+    dataset = load_dataset(params.data.source, params.data.resize, params.data.center_crop)
     splits = split_dataset(dataset, params.data, params.seed)
     manifest: dict[str, Any] = {"source": params.data.source, "num_classes": dataset.num_classes, "classes": list(dataset.classes),
                                 "input_shape": list(dataset.images.shape[1:]), "seed": params.seed, "splits": {}}

@@ -168,3 +168,27 @@ def test_dataparallel_checkpoint_layout(tmp_path, factories):
     loaded = load_model_reference(f"factory:my_models:digit_mlp@{tmp_path / 'ckpt.pt'}", input_shape=(3, 8, 8))
     x = torch.rand(2, 3, 8, 8)
     assert torch.equal(loaded.network(x), network.eval()(x))
+
+
+def test_imagefolder_transforms_resize_and_center_crop(tmp_path):
+    """Mixed-size images load when resize + center_crop bring them to one size; tensors get the same ops."""
+    import numpy as np
+    from PIL import Image
+
+    from rcat.data import load_dataset, transform_images
+
+    for name, size in (("a", (20, 12)), ("b", (12, 16))):
+        folder = tmp_path / name
+        folder.mkdir()
+        Image.fromarray(np.full((size[1], size[0], 3), 200, dtype=np.uint8)).save(folder / "x.png")
+    with pytest.raises(InputError, match="data.resize"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    dataset = load_dataset(f"imagefolder:{tmp_path}", resize=8, center_crop=8)
+    assert dataset.images.shape == (2, 3, 8, 8)
+    assert torch.allclose(dataset.images, torch.full_like(dataset.images, 200 / 255), atol=1 / 255)
+    images = torch.rand(3, 1, 10, 14)
+    out = transform_images(images, resize=5, center_crop=4)
+    assert out.shape == (3, 1, 4, 4) and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(transform_images(images, None, 6), images[..., 2:8, 4:10])
+    with pytest.raises(InputError, match="center_crop"):
+        transform_images(images, None, 11)

@@ -58,8 +58,8 @@ def main() -> None:
     labels = torch.tensor(bunch.target)
     generator = torch.Generator().manual_seed(0)
     subset = torch.randperm(len(labels), generator=generator)[:400]
-    torch.save(train(digit_mlp(), images[subset], labels[subset], epochs=15, seed=1).state_dict(), out / "old.pt")
-    torch.save(train(digit_cnn(), images, labels, epochs=8, seed=2).state_dict(), out / "new.pt")
+    torch.save(train(digit_mlp(), images[subset], labels[subset], epochs=8, seed=1).state_dict(), out / "old.pt")
+    torch.save(train(digit_cnn(), images, labels, epochs=4, seed=2).state_dict(), out / "new.pt")
     print(f"wrote {out / 'images'} ({len(labels)} images), {out / 'old.pt'}, {out / 'new.pt'}")
 
 
