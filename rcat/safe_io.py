@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize_tensors
 
 from rcat.errors import InputError, OutputError
 
@@ -149,34 +149,31 @@ def parquet_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-    """Write tensors as safetensors (no pickle), atomically, with string ``metadata`` in the header."""
+    """Write tensors as safetensors (no pickle), atomically, with string ``metadata`` in the header.
+
+    The file is serialised in memory and written by :func:`atomic_path` itself: ``save_file``
+    would stage it in a temporary file of its own (``.tmpXXXXXX``), which a killed stage leaves
+    behind, and would report a full disk as a ``SafetensorError`` instead of an :class:`OSError`.
+    """
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    data = _canonical_safetensors_header(serialize_tensors(contiguous, metadata=dict(metadata or {})))
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
-        _canonical_safetensors_header(tmp)
+        tmp.write_bytes(data)
     return Path(path)
 
 
-def _canonical_safetensors_header(path: Path) -> None:
-    """Rewrite the JSON header of a safetensors file with sorted keys.
+def _canonical_safetensors_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the JSON header's keys sorted.
 
     safetensors serialises the metadata from a Rust hash map whose order changes from call to
     call, so the same tensors and metadata gave different bytes, different DVC hashes and
     needless reruns downstream. Sorted keys make the file a function of its content.
     """
-    with open(path, "r+b") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
-        if len(text) == length:
-            handle.seek(8)
-            handle.write(text)
-            return
-        data = handle.read()
-        handle.seek(0)
-        handle.write(struct.pack("<Q", len(text)) + text + data)
-        handle.truncate()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
