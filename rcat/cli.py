@@ -1,7 +1,8 @@
 """The ``rcat`` command line: the pipeline's stages for people who do not drive DVC themselves.
 
 Every command validates its inputs first and turns a user error into one line on stderr and a
-non-zero exit (2 for bad input, 3 for a rejected update with ``--fail-on-reject``).
+non-zero exit (2 for bad input, 3 for a rejected update with ``--fail-on-reject``, 4 when the
+MLflow tracking store does not answer).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from rcat.errors import RcatError, UpdateRejected
+from rcat.errors import RcatError, TrackingError, UpdateRejected
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
+EXIT_TRACKING = 4
 
 DATA_HELP = "digits | imagefolder:PATH | npz:PATH | cifar10-binary:DIR | cifar10-python:DIR | a split .safetensors"
 MeanOption = Annotated[str | None, typer.Option(help="per-channel mean, e.g. 0.49,0.48,0.45: a factory/TorchScript model then gets inputs normalised inside it")]
@@ -45,6 +47,8 @@ def user_errors(function: F) -> F:
             return function(*args, **kwargs)
         except UpdateRejected as exc:
             fail(str(exc), EXIT_REJECTED)
+        except TrackingError as exc:
+            fail(str(exc), EXIT_TRACKING)
         except RcatError as exc:
             fail(str(exc))
 

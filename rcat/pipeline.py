@@ -76,6 +76,23 @@ class Layout:
         return self.root / "decide" / "tradeoff.csv"
 
 
+def _require(path: Path, stage: str) -> Path:
+    """A stage input must exist; if not, say which stage makes it."""
+    if not path.is_file():
+        raise InputError(f"{path}: not found; run the '{stage}' stage first (dvc repro {stage})")
+    return path
+
+
+def _split(layout: Layout, name: str) -> Split:
+    return load_split(_require(layout.split(name), "prepare"))
+
+
+def _pipeline_model(layout: Layout, role: str, params: Params, device: torch.device | str) -> LoadedModel:
+    stage = f"train_{role}" if role in {"old", "new"} else f"finetune@{role}"
+    path = layout.model(role) if role in {"old", "new"} else layout.finetuned(role)
+    return load_model(_require(path, stage), device, params.trusted_factories())
+
+
 def _device(params: Params) -> torch.device:
     return resolve_device(params.device)
 
@@ -118,7 +135,7 @@ def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = N
     seed_everything(config.seed)
     if config.reference is not None:
         return import_model(params, role, layout, tracker)
-    split = subsample(load_split(layout.split("finetune")), config.data_fraction, config.seed)
+    split = subsample(_split(layout, "finetune"), config.data_fraction, config.seed)
     spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs))
     network = spec.build()
     curves: list[tuple[int, dict[str, float]]] = []
@@ -147,7 +164,7 @@ def import_model(params: Params, role: str, layout: Layout, tracker: Tracker | N
     if reference.startswith(TORCHSCRIPT_PREFIX):
         raise InputError(f"params.yaml: train_{role}.reference {reference!r}: TorchScript models can be evaluated "
                          "('rcat evaluate') but not fine-tuned; export a state dict and use 'factory:module:callable@WEIGHTS'")
-    split = load_split(layout.split("finetune"))
+    split = _split(layout, "finetune")
     normalization = None if config.normalization is None else (tuple(config.normalization.mean), tuple(config.normalization.std))
     try:
         model = load_model_reference(reference, "cpu", num_classes=split.num_classes, input_shape=tuple(split.images.shape[1:]),
@@ -198,9 +215,9 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
     candidate ``new`` of the update gate.
     """
     device = _device(params)
-    splits = {name: load_split(layout.split(name)) for name in SPLIT_NAMES}
-    old = load_model(layout.model("old"), device, params.trusted_factories())
-    new = load_model(layout.model("new"), device, params.trusted_factories())
+    splits = {name: _split(layout, name) for name in SPLIT_NAMES}
+    old = _pipeline_model(layout, "old", params, device)
+    new = _pipeline_model(layout, "new", params, device)
     outcomes = {role: attack_model_on_splits(model, role, splits, params.attack, params.seed, device) for role, model in (("old", old), ("new", new))}
     frame = pd.concat(outcomes.values(), ignore_index=True)
     provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old.digest, "new_digest": new.digest}
@@ -251,9 +268,9 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
     method = methods[method_name]
     device = _device(params)
     seed_everything(params.finetune.seed)
-    split = load_split(layout.split("finetune"))
-    old = load_model(layout.model("old"), device, params.trusted_factories())
-    new = load_model(layout.model("new"), device, params.trusted_factories())
+    split = _split(layout, "finetune")
+    old = _pipeline_model(layout, "old", params, device)
+    new = _pipeline_model(layout, "new", params, device)
     for model in (old, new):
         check_model_on(model, split.images, split.num_classes, "the fine-tune split")
     curves: list[tuple[int, dict[str, float]]] = []
@@ -286,10 +303,10 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
     if method_name not in params.finetune.methods:
         raise InputError(f"params.yaml: finetune.methods has no method {method_name!r}")
     device = _device(params)
-    splits = {name: load_split(layout.split(name)) for name in EVALUATED_SPLITS}
-    old_digest = load_model(layout.model("old"), "cpu", params.trusted_factories()).digest
+    splits = {name: _split(layout, name) for name in EVALUATED_SPLITS}
+    old_digest = _pipeline_model(layout, "old", params, "cpu").digest
     old_outcomes = load_cached_outcomes(layout, "old", splits, params.attack, old_digest)
-    model = load_model(layout.finetuned(method_name), device, params.trusted_factories())
+    model = _pipeline_model(layout, method_name, params, device)
     outcomes = attack_model_on_splits(model, method_name, splits, params.attack, params.seed, device)
     metrics, flips = _split_metrics(old_outcomes, outcomes, EVALUATED_SPLITS)
     out = layout.evaluation(method_name)

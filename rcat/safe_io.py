@@ -49,6 +49,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             if leftover.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # mkstemp creates 0600 whatever the umask; outputs get the permissions a plain open() would give
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
     except OSError as exc:
         raise _output_error(target, exc) from exc

@@ -21,7 +21,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from rcat.cli import EXIT_BAD_INPUT, app, run_stage
+from rcat.cli import EXIT_BAD_INPUT, EXIT_TRACKING, app, run_stage
 from rcat.errors import OutputError, RcatError, TrackingError, TrackingUnavailable
 from rcat.models import ModelSpec, load_model, save_model
 from rcat.safe_io import write_json, write_parquet, write_tensors
@@ -120,7 +120,7 @@ def test_tracking_server_down_fails_fast_after_complete_outputs(tmp_path, monkey
     with pytest.raises(SystemExit) as info:
         run_stage("prepare", params_path="params.yaml")
     elapsed = time.monotonic() - start
-    assert info.value.code not in (0, None)
+    assert info.value.code == EXIT_TRACKING
     line = one_line(capsys.readouterr().err)
     assert uri in line and "did not answer" in line and "Connection refused" in line
     assert "outputs were written completely" in line and "tracking.enabled: false" in line
@@ -569,3 +569,24 @@ def test_run_without_dvc_project_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code not in (0, None)
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("rcat: error: 'dvc repro' failed with exit code")
+
+
+def test_outputs_get_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp creates 0600 files; atomic writes must not make outputs private to their owner."""
+    from rcat.safe_io import write_json
+
+    umask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_missing_stage_input_names_the_stage_to_run(tmp_path):
+    from rcat import pipeline
+    from rcat.config import parse_params
+
+    params = parse_params(repo_params())
+    with pytest.raises(RcatError, match=r"run the 'prepare' stage first \(dvc repro prepare\)"):
+        pipeline.attack_cache(params, pipeline.Layout(tmp_path / "data"))
