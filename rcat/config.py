@@ -28,14 +28,23 @@ Epsilon = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class AttackConfig(Section):
-    """One white-box attack, run through the torchattacks adapter (:mod:`rcat.attacks`).
+    """One white-box attack, run through the torchattacks adapter (:mod:`rcat.attacks`), or an ensemble.
 
     ``eps`` is in [0, 1] pixel units (inputs are always in [0, 1]; normalisation lives inside the
     model). ``step_size`` defaults per attack: PGD ``2.5 * eps / steps``; FGSM-RS ``1.25 * eps``
     (Wong et al.; the authors' code used an absolute 1.25, a bug that this default avoids).
+    ``fab_t`` is FAB in its multi-targeted version (AutoAttack's FAB-T).
+
+    **Ensembles** (worst case over several attacks, see :func:`rcat.attacks.attack_outcomes`):
+    either ``ensemble: [<attack>, ...]`` (each entry a single attack) or
+    ``preset: autoattack-standard`` (APGD-CE 100 steps, APGD-T 100 steps, FAB-T 100 steps, Square
+    5000 queries, as in Croce & Hein's AutoAttack "standard", at this config's ``eps``). With
+    either, the single-attack fields (``name``, ``loss``, ``steps``, ...) are ignored and only
+    ``eps`` (for the preset), ``norm`` and ``batch_size`` count. Clean mistakes are never
+    attacked, and each next attack runs only on the samples still robust.
     """
 
-    name: Literal["apgd", "apgdt", "pgd", "fgsm", "fgsm_rs", "fab", "square"] = "apgd"
+    name: Literal["apgd", "apgdt", "pgd", "fgsm", "fgsm_rs", "fab", "fab_t", "square"] = "apgd"
     loss: Literal["ce", "dlr"] = "dlr"
     norm: Literal["Linf"] = "Linf"
     eps: Epsilon = 8 / 255
@@ -43,14 +52,85 @@ class AttackConfig(Section):
     restarts: Annotated[int, Field(ge=1, le=100)] = 1
     step_size: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 500
+    ensemble: list[AttackConfig] | None = None
+    preset: Literal["autoattack-standard"] | None = None
+
+    @model_validator(mode="after")
+    def _ensemble_shape(self) -> AttackConfig:
+        if self.ensemble is not None and self.preset is not None:
+            raise ValueError("give either 'ensemble' or 'preset', not both")
+        if self.ensemble is not None:
+            if not self.ensemble:
+                raise ValueError("'ensemble' needs at least one attack")
+            if any(member.is_ensemble for member in self.ensemble):
+                raise ValueError("an ensemble's entries must be single attacks (no nested 'ensemble' or 'preset')")
+        return self
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.ensemble is not None or self.preset is not None
+
+    def members(self) -> list[AttackConfig]:
+        """The single attacks to run, in order (``[self]`` for a single attack)."""
+        if self.preset == "autoattack-standard":
+            common = {"norm": self.norm, "eps": self.eps, "batch_size": self.batch_size, "restarts": 1}
+            return [
+                AttackConfig(name="apgd", loss="ce", steps=100, **common),
+                AttackConfig(name="apgdt", loss="dlr", steps=100, **common),
+                AttackConfig(name="fab_t", loss="ce", steps=100, **common),
+                AttackConfig(name="square", loss="ce", steps=5000, **common),
+            ]
+        if self.ensemble is not None:
+            return list(self.ensemble)
+        return [self]
+
+    @property
+    def max_eps(self) -> float:
+        """The largest eps any member may use (the eps-ball every returned point is checked against)."""
+        return max(member.eps for member in self.members())
 
     def identity(self) -> dict[str, Any]:
         """The fields that change results (``batch_size`` does not), for provenance and cache keys."""
-        return self.model_dump(exclude={"batch_size"})
+        if self.is_ensemble:
+            return {"ensemble": [member.identity() for member in self.members()]}
+        return self.model_dump(exclude={"batch_size", "ensemble", "preset"})
 
     def label(self) -> str:
         """Short human-readable name, e.g. ``apgd-dlr:50it:1r:Linf:eps=0.1``."""
+        if self.preset is not None:
+            return f"{self.preset}:{self.norm}:eps={self.eps:g}"
+        if self.ensemble is not None:
+            return "ensemble[" + ",".join(member.label() for member in self.ensemble) + "]"
         return f"{self.name}-{self.loss}:{self.steps}it:{self.restarts}r:{self.norm}:eps={self.eps:g}"
+
+
+AttackConfig.model_rebuild()
+
+
+class EngineConfig(Section):
+    """The attack engine (:mod:`rcat.engine`): content-addressed, chunked, resumable attack runs.
+
+    ``cache_dir`` must live outside DVC outputs (``dvc repro`` deletes a stage's outs before
+    rerunning it, which would throw the resumable cache away). ``chunk_size`` must be a multiple
+    of the attack's ``batch_size``. ``workers > 1`` or a ``dask_address`` distribute chunks as
+    Prefect tasks on Dask (a local cluster, or the scheduler at ``dask_address``).
+    """
+
+    cache_dir: str = ".rcat_cache/attacks"
+    chunk_size: Annotated[int, Field(ge=1)] = 1024
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    dask_address: str | None = None
+    progress: bool = False
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_outside_data(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("cache_dir must be a directory path")
+        parts = Path(value).parts
+        if parts and parts[0] == "data":
+            raise ValueError("cache_dir must live outside data/ (DVC deletes stage outputs before rerunning a stage)")
+        return value
 
 
 class DataConfig(Section):
@@ -127,11 +207,21 @@ class MethodConfig(Section):
     ``alpha``/``beta`` mean what the paper's code means: for ``rcat`` the weights of the
     distillation toward the pre-update new model and toward the old model (CE weight
     ``1 - alpha - beta``); for ``pct``/``pct_at`` the all-sample and old-correct focal weights.
+
+    RCAT only: ``constraint_set`` chooses the samples the beta term constrains. ``paper_proxy``
+    (the authors' code): the old model classifies the current model's training-attack point
+    correctly, decided per batch. ``attack_cache``: the old model was robust on the sample in the
+    baseline attack cache ("no adversarial example was found before the update", the paper's own
+    words), decided once per sample. ``constraint_term`` chooses the penalty on those samples:
+    ``distill`` (the paper: logit distance to the old model) or ``focal_ce`` (adversarial
+    cross-entropy, i.e. up-weighting the samples the old model resisted).
     """
 
     loss: Literal["at", "pct", "pct_at", "rcat"]
     alpha: Annotated[float, Field(ge=0.0)] = 0.0
     beta: Annotated[float, Field(ge=0.0)] = 0.0
+    constraint_set: Literal["paper_proxy", "attack_cache"] = "paper_proxy"
+    constraint_term: Literal["distill", "focal_ce"] = "distill"
 
     @model_validator(mode="after")
     def _convex_rcat_weights(self) -> MethodConfig:
@@ -139,6 +229,8 @@ class MethodConfig(Section):
             raise ValueError(f"rcat needs alpha + beta <= 1 (the CE weight is 1 - alpha - beta), got {self.alpha:g} + {self.beta:g}")
         if self.loss == "at" and (self.alpha or self.beta):
             raise ValueError("at takes no alpha/beta; use loss: rcat for a weighted variant")
+        if self.loss != "rcat" and (self.constraint_set != "paper_proxy" or self.constraint_term != "distill"):
+            raise ValueError(f"constraint_set / constraint_term apply to loss: rcat only, not {self.loss!r}")
         return self
 
 
@@ -206,6 +298,7 @@ class Params(Section):
     finetune: FinetuneConfig
     decision: DecisionConfig = DecisionConfig()
     tracking: TrackingConfig = TrackingConfig()
+    engine: EngineConfig = EngineConfig()
 
     @field_validator("device")
     @classmethod

@@ -43,7 +43,7 @@ def _epochs(
     momentum: float,
     seed: int,
     device: torch.device,
-    step: Callable[[torch.Tensor, torch.Tensor, int], tuple[LossTerms, torch.Tensor]],
+    step: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[LossTerms, torch.Tensor]],
     on_epoch: EpochCallback | None,
 ) -> TrainingHistory:
     """The shared loop: seeded shuffling, SGD steps, per-epoch averages."""
@@ -60,7 +60,7 @@ def _epochs(
             batch = order[start : start + batch_size]
             x = split.images[batch].to(device)
             y = split.labels[batch].to(device)
-            terms, logits = step(x, y, seed * 1_000_003 + step_index)
+            terms, logits = step(x, y, seed * 1_000_003 + step_index, batch)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()
@@ -84,7 +84,7 @@ def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, dev
     network.to(device)
     perturb = training_attack(network, config.attack, split.num_classes)
 
-    def step(x: torch.Tensor, y: torch.Tensor, step_seed: int) -> tuple[LossTerms, torch.Tensor]:
+    def step(x: torch.Tensor, y: torch.Tensor, step_seed: int, positions: torch.Tensor) -> tuple[LossTerms, torch.Tensor]:
         logits = network(perturb(x, y, step_seed))
         return at_loss(logits, y), logits
 
@@ -102,15 +102,23 @@ def finetune(
     method: MethodConfig,
     device: torch.device,
     on_epoch: EpochCallback | None = None,
+    old_robust: torch.Tensor | None = None,
 ) -> tuple[nn.Module, TrainingHistory]:
     """Fine-tune a copy of ``new_network`` with ``method``'s loss; ``old_network`` and a frozen copy
-    of the new network provide the reference logits. Returns the fine-tuned network (eval mode)."""
+    of the new network provide the reference logits. Returns the fine-tuned network (eval mode).
+
+    ``old_robust`` (bool, one per sample of ``split``, in its order) is the old model's robust flag
+    from the baseline attack cache; RCAT with ``constraint_set: attack_cache`` needs it.
+    """
+    if method.loss == "rcat" and method.constraint_set == "attack_cache":
+        if old_robust is None or old_robust.shape != (len(split),):
+            raise ValueError("constraint_set 'attack_cache' needs the old model's robust flag for every fine-tune sample")
     network = copy.deepcopy(new_network).to(device)
     frozen_new = copy.deepcopy(new_network).to(device).eval().requires_grad_(False)
     old_network = old_network.to(device).eval().requires_grad_(False)
     perturb = training_attack(network, config.attack, split.num_classes) if method.loss in ADVERSARIAL_LOSSES else None
 
-    def step(x: torch.Tensor, y: torch.Tensor, step_seed: int) -> tuple[LossTerms, torch.Tensor]:
+    def step(x: torch.Tensor, y: torch.Tensor, step_seed: int, positions: torch.Tensor) -> tuple[LossTerms, torch.Tensor]:
         inputs = perturb(x, y, step_seed) if perturb is not None else x
         logits = network(inputs)
         if method.loss == "at":
@@ -121,7 +129,9 @@ def finetune(
             return pct_loss(logits, old_logits, y, method.alpha, method.beta), logits
         with torch.no_grad():
             new0_logits = frozen_new(inputs)
-        return rcat_loss(logits, old_logits, new0_logits, y, method.alpha, method.beta), logits
+        mask = old_robust[positions].to(device) if method.constraint_set == "attack_cache" and old_robust is not None else None
+        terms = rcat_loss(logits, old_logits, new0_logits, y, method.alpha, method.beta, constraint_mask=mask, constraint_term=method.constraint_term)
+        return terms, logits
 
     history = _epochs(
         network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,

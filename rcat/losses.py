@@ -85,17 +85,36 @@ def pct_loss(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tenso
     return LossTerms(ce + all_term + focal_term, ce, logits.new_zeros(()), all_term + focal_term, float(old_correct.float().mean()))
 
 
-def rcat_loss(logits: torch.Tensor, old_logits: torch.Tensor, new0_logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> LossTerms:
-    """RCAT: (1-alpha-beta) CE + alpha * mean_N D(z, z_new0) + beta * mean_O D(z, z_old).
+def rcat_loss(
+    logits: torch.Tensor,
+    old_logits: torch.Tensor,
+    new0_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    *,
+    constraint_mask: torch.Tensor | None = None,
+    constraint_term: str = "distill",
+) -> LossTerms:
+    """RCAT: (1-alpha-beta) CE + alpha * mean_N D(z, z_new0) + beta * mean_O penalty.
 
-    O (old model correct) and N (frozen new model correct) are computed on the same adversarial
-    input the loss sees. Denominators are clamped to at least 1.
+    N (frozen new model correct) is computed on the adversarial input the loss sees. O is, by
+    default, the paper's proxy: the old model is correct on that same input; ``constraint_mask``
+    replaces it (e.g. the old model's robust flags from the baseline attack cache). The penalty is
+    ``D(z, z_old)`` (``distill``, the paper) or the per-sample cross-entropy ``CE(z_i, y_i)``
+    (``focal_ce``). Denominators are clamped to at least 1.
     """
     old_logits, new0_logits = old_logits.detach(), new0_logits.detach()  # fixed targets
     ce = F.cross_entropy(logits, labels)
-    old_correct = old_logits.argmax(1) == labels
+    constrained = old_logits.argmax(1) == labels if constraint_mask is None else constraint_mask.to(torch.bool)
     new0_correct = new0_logits.argmax(1) == labels
     distill_new = alpha * masked_mean(logit_distance(logits, new0_logits), new0_correct)
-    distill_old = beta * masked_mean(logit_distance(logits, old_logits), old_correct)
+    if constraint_term == "distill":
+        penalty = logit_distance(logits, old_logits)
+    elif constraint_term == "focal_ce":
+        penalty = F.cross_entropy(logits, labels, reduction="none")
+    else:
+        raise ValueError(f"constraint_term {constraint_term!r}: use 'distill' or 'focal_ce'")
+    distill_old = beta * masked_mean(penalty, constrained)
     ce_term = (1.0 - alpha - beta) * ce
-    return LossTerms(ce_term + distill_new + distill_old, ce_term, distill_new, distill_old, float(old_correct.float().mean()))
+    return LossTerms(ce_term + distill_new + distill_old, ce_term, distill_new, distill_old, float(constrained.float().mean()))

@@ -273,8 +273,14 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
     new = _pipeline_model(layout, "new", params, device)
     for model in (old, new):
         check_model_on(model, split.images, split.num_classes, "the fine-tune split")
+    old_robust = None
+    if method.loss == "rcat" and method.constraint_set == "attack_cache":
+        # the constraint set from the baseline attack cache: samples the old model's own attack failed on
+        cached = load_cached_outcomes(layout, "old", {"finetune": split}, params.attack, old.digest).set_index("sample_index")
+        old_robust = torch.from_numpy(cached.loc[split.sample_index.numpy(), "robust"].to_numpy(dtype=bool))
     curves: list[tuple[int, dict[str, float]]] = []
-    network, history = finetune(new.network, old.network, split, params.finetune, method, device, on_epoch=lambda e, v: curves.append((e, v)))
+    network, history = finetune(new.network, old.network, split, params.finetune, method, device,
+                                on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust)
     extra = {"method": method_name, "loss": method.loss, "alpha": str(method.alpha), "beta": str(method.beta), "base_digest": new.digest, "old_digest": old.digest}
     digest = save_model(network.cpu(), new.spec, layout.finetuned(method_name), extra=extra)
     write_json(layout.finetune_history(method_name), {"method": method_name, **method.model_dump(), "epochs": history.epochs, "weights_digest": digest})
@@ -292,6 +298,7 @@ def _method_params(params: Params, method_name: str) -> dict[str, Any]:
     method = params.finetune.methods[method_name]
     shared = params.finetune.model_dump(mode="json", exclude={"methods", "attack"})
     return {"method": method_name, "loss": method.loss, "alpha": method.alpha, "beta": method.beta,
+            "constraint_set": method.constraint_set, "constraint_term": method.constraint_term,
             "train_attack": params.finetune.attack.label(), **{f"finetune.{k}": v for k, v in shared.items()}}
 
 

@@ -1,0 +1,99 @@
+"""RCAT's constraint-set and constraint-term variants, on tiny tensors and through the pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from rcat.config import MethodConfig, parse_params
+from rcat.losses import logit_distance, rcat_loss
+
+
+def _logits():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 1])
+    logits = torch.randn(4, 3, requires_grad=True)
+    old = torch.tensor([[5.0, 0, 0], [0, 0, 5.0], [0, 0, 5.0], [5.0, 0, 0]])  # old correct on samples 0 and 2
+    new0 = torch.tensor([[0, 5.0, 0], [0, 5.0, 0], [5.0, 0, 0], [0, 5.0, 0]])  # frozen new correct on 1 and 3
+    return logits, old, new0, labels
+
+
+def test_default_constraint_is_the_papers_proxy():
+    logits, old, new0, labels = _logits()
+    proxy = rcat_loss(logits, old, new0, labels, 0.0, 1.0)
+    explicit = rcat_loss(logits, old, new0, labels, 0.0, 1.0, constraint_mask=torch.tensor([True, False, True, False]))
+    assert torch.equal(proxy.total, explicit.total)
+    expected = (logit_distance(logits, old)[0] + logit_distance(logits, old)[2]) / 2
+    assert torch.allclose(proxy.distill_old, expected)
+
+
+def test_cache_mask_replaces_the_proxy():
+    logits, old, new0, labels = _logits()
+    cached = torch.tensor([False, True, False, True])  # the cache says: old robust on 1 and 3 only
+    terms = rcat_loss(logits, old, new0, labels, 0.0, 0.5, constraint_mask=cached)
+    expected = 0.5 * (logit_distance(logits, old)[1] + logit_distance(logits, old)[3]) / 2
+    assert torch.allclose(terms.distill_old, expected)
+    assert terms.constrained_fraction == 0.5
+
+
+def test_focal_ce_term_is_masked_mean_cross_entropy():
+    logits, old, new0, labels = _logits()
+    cached = torch.tensor([True, True, False, False])
+    terms = rcat_loss(logits, old, new0, labels, 0.2, 0.3, constraint_mask=cached, constraint_term="focal_ce")
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    assert torch.allclose(terms.distill_old, 0.3 * per_sample[:2].mean())
+    assert torch.allclose(terms.cross_entropy, 0.5 * F.cross_entropy(logits, labels))
+    # an empty constraint set contributes 0, not NaN
+    empty = rcat_loss(logits, old, new0, labels, 0.2, 0.3, constraint_mask=torch.zeros(4, dtype=torch.bool), constraint_term="focal_ce")
+    assert empty.distill_old.item() == 0.0
+    with pytest.raises(ValueError, match="constraint_term"):
+        rcat_loss(logits, old, new0, labels, 0.2, 0.3, constraint_term="kl")
+
+
+def test_variants_only_for_rcat():
+    MethodConfig(loss="rcat", alpha=0.5, beta=0.4, constraint_set="attack_cache", constraint_term="focal_ce")
+    with pytest.raises(ValueError, match="rcat only"):
+        MethodConfig(loss="pct_at", alpha=1, beta=2, constraint_set="attack_cache")
+
+
+def test_cache_constraint_through_the_pipeline(tmp_path, monkeypatch):
+    """finetune with constraint_set attack_cache reads the old model's robust flags from the cache,
+    in the fine-tune split's order; without the cache it fails with the stage to run."""
+    import yaml
+
+    from conftest import REPO_ROOT, reduced_params
+    from rcat import pipeline
+    from rcat.errors import InputError
+
+    raw = reduced_params(tmp_path)
+    raw["tracking"]["enabled"] = False
+    raw["finetune"]["epochs"] = 1
+    raw["finetune"]["methods"] = {"cache": {"loss": "rcat", "alpha": 0.5, "beta": 0.4, "constraint_set": "attack_cache"}}
+    params = parse_params(raw)
+    layout = pipeline.Layout(tmp_path / "data")
+    pipeline.prepare(params, layout)
+    pipeline.train(params, "old", layout)
+    pipeline.train(params, "new", layout)
+    with pytest.raises(InputError, match="attack_cache"):
+        pipeline.finetune_method(params, "cache", layout)
+    pipeline.attack_cache(params, layout)
+
+    seen = {}
+    import rcat.finetune as finetune_module
+
+    original = finetune_module.finetune
+
+    def spy(*args, old_robust=None, **kwargs):
+        seen["old_robust"] = old_robust
+        return original(*args, old_robust=old_robust, **kwargs)
+
+    monkeypatch.setattr(pipeline, "finetune", spy)
+    pipeline.finetune_method(params, "cache", layout)
+    import pandas as pd
+
+    outcomes = pd.read_parquet(layout.attack_cache / "outcomes.parquet")
+    expected = outcomes[(outcomes["model"] == "old") & (outcomes["split"] == "finetune")].sort_values("sample_index")["robust"].to_numpy()
+    assert seen["old_robust"].tolist() == expected.tolist()
+    assert 0 < seen["old_robust"].sum() < len(expected)
+    assert yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["finetune"]["methods"]["rcat_cache"]["constraint_set"] == "attack_cache"
