@@ -19,9 +19,10 @@ import pandas as pd
 import torch
 
 from rcat.attacks import attack_outcomes
-from rcat.config import AttackConfig, Params
+from rcat.config import AttackConfig, EngineConfig, Params
 from rcat.data import SPLIT_NAMES, Split, load_dataset, load_split, save_split, split_dataset, subsample
 from rcat.decision import decide as decide_update
+from rcat.engine import run_attack
 from rcat.errors import InputError, UpdateRejected
 from rcat.finetune import adversarial_train, finetune
 from rcat.metrics import compare_outcomes
@@ -187,13 +188,22 @@ def import_model(params: Params, role: str, layout: Layout, tracker: Tracker | N
 # ---------------------------------------------------------------- baseline attack cache
 
 
-def attack_model_on_splits(model: LoadedModel, role: str, splits: dict[str, Split], attack: AttackConfig, seed: int, device: torch.device) -> pd.DataFrame:
-    """Per-sample outcomes of ``model`` under its own white-box attack on each split (long format)."""
+def attack_model_on_splits(model: LoadedModel, role: str, splits: dict[str, Split], attack: AttackConfig, seed: int, device: torch.device,
+                           engine: EngineConfig | None = None) -> pd.DataFrame:
+    """Per-sample outcomes of ``model`` under its own white-box attack on each split (long format).
+
+    Runs through the attack engine (:mod:`rcat.engine`): chunked, cached under ``engine.cache_dir``
+    by content (weights, data, attack, seed), resumable after a crash. ``engine`` defaults to the
+    params' defaults.
+    """
+    engine = engine if engine is not None else EngineConfig()
+    chunk_size = engine.effective_chunk_size(attack.batch_size)
     frames = []
     for split in splits.values():
         check_model_on(model, split.images, split.num_classes, f"split {split.name}")
-        frames.append(attack_outcomes(model.network, split.images, split.labels, split.sample_index, attack,
-                                      num_classes=split.num_classes, seed=seed, provenance=_provenance(split, model, role), device=device))
+        frames.append(run_attack(model.network, split, attack, num_classes=split.num_classes, seed=seed, provenance=_provenance(split, model, role),
+                                 device=device, cache_dir=engine.cache_dir, chunk_size=chunk_size, progress=engine.progress,
+                                 workers=engine.workers, dask_address=engine.dask_address))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -218,7 +228,7 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
     splits = {name: _split(layout, name) for name in SPLIT_NAMES}
     old = _pipeline_model(layout, "old", params, device)
     new = _pipeline_model(layout, "new", params, device)
-    outcomes = {role: attack_model_on_splits(model, role, splits, params.attack, params.seed, device) for role, model in (("old", old), ("new", new))}
+    outcomes = {role: attack_model_on_splits(model, role, splits, params.attack, params.seed, device, params.engine) for role, model in (("old", old), ("new", new))}
     frame = pd.concat(outcomes.values(), ignore_index=True)
     provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old.digest, "new_digest": new.digest}
     write_parquet(layout.attack_cache / "outcomes.parquet", frame, provenance)
@@ -277,7 +287,7 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
     if method.loss == "rcat" and method.constraint_set == "attack_cache":
         # the constraint set from the baseline attack cache: samples the old model's own attack failed on
         cached = load_cached_outcomes(layout, "old", {"finetune": split}, params.attack, old.digest).set_index("sample_index")
-        old_robust = torch.from_numpy(cached.loc[split.sample_index.numpy(), "robust"].to_numpy(dtype=bool))
+        old_robust = torch.tensor(cached.loc[split.sample_index.numpy(), "robust"].to_numpy(dtype=bool))
     curves: list[tuple[int, dict[str, float]]] = []
     network, history = finetune(new.network, old.network, split, params.finetune, method, device,
                                 on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust)
@@ -314,7 +324,7 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
     old_digest = _pipeline_model(layout, "old", params, "cpu").digest
     old_outcomes = load_cached_outcomes(layout, "old", splits, params.attack, old_digest)
     model = _pipeline_model(layout, method_name, params, device)
-    outcomes = attack_model_on_splits(model, method_name, splits, params.attack, params.seed, device)
+    outcomes = attack_model_on_splits(model, method_name, splits, params.attack, params.seed, device, params.engine)
     metrics, flips = _split_metrics(old_outcomes, outcomes, EVALUATED_SPLITS)
     out = layout.evaluation(method_name)
     provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old_digest, "candidate_digest": model.digest}
@@ -329,10 +339,11 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
     return metrics
 
 
-def evaluate_pair(old: LoadedModel, new: LoadedModel, split: Split, attack: AttackConfig, seed: int, device: torch.device, out_dir: Path) -> dict[str, Any]:
+def evaluate_pair(old: LoadedModel, new: LoadedModel, split: Split, attack: AttackConfig, seed: int, device: torch.device, out_dir: Path,
+                  engine: EngineConfig | None = None) -> dict[str, Any]:
     """The CLI's ``rcat evaluate``: attack both models on one split, write flat ``metrics.json`` and ``flips.parquet``."""
-    old_outcomes = attack_model_on_splits(old, "old", {split.name: split}, attack, seed, device)
-    new_outcomes = attack_model_on_splits(new, "new", {split.name: split}, attack, seed, device)
+    old_outcomes = attack_model_on_splits(old, "old", {split.name: split}, attack, seed, device, engine)
+    new_outcomes = attack_model_on_splits(new, "new", {split.name: split}, attack, seed, device, engine)
     metrics, flips = compare_outcomes(old_outcomes, new_outcomes)
     provenance = {"attack_config": json.dumps(attack.identity(), sort_keys=True), "old_digest": old.digest, "new_digest": new.digest,
                   "split_digest": split.digest, "old_model": old.path, "new_model": new.path}
