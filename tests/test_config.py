@@ -57,7 +57,9 @@ def test_repo_params_validate():
 
 def test_params_are_frozen():
     params = load_params(REPO_PARAMS)
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         params.seed = 5  # type: ignore[misc]
 
 
