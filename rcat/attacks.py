@@ -58,6 +58,8 @@ _LINF_TOLERANCE = 1e-5
 
 def build_attack(network: nn.Module, config: AttackConfig, num_classes: int, seed: int = 0) -> torchattacks.attack.Attack:
     """Instantiate the torchattacks attack that ``config`` names, bound to ``network``."""
+    if config.is_ensemble:
+        raise InputError(f"attack {config.label()} is an ensemble; it runs only as an evaluation attack (attack_outcomes), not as a single attack")
     if config.loss == "dlr" and num_classes < 3 and config.name == "apgd":
         raise InputError(f"attack.loss 'dlr' needs at least 3 classes (the data has {num_classes}); use loss: ce")
     if config.name in {"pgd", "fgsm", "fgsm_rs"} and config.loss != "ce":
@@ -79,6 +81,9 @@ def build_attack(network: nn.Module, config: AttackConfig, num_classes: int, see
         return torchattacks.FFGSM(network, eps=eps, alpha=step)
     if config.name == "fab":
         return torchattacks.FAB(network, norm=config.norm, eps=eps, steps=config.steps, n_restarts=config.restarts, seed=seed, n_classes=num_classes)
+    if config.name == "fab_t":
+        return torchattacks.FAB(network, norm=config.norm, eps=eps, steps=config.steps, n_restarts=config.restarts, seed=seed, n_classes=num_classes,
+                                multi_targeted=True)
     if config.name == "square":
         return torchattacks.Square(network, norm=config.norm, eps=eps, n_queries=config.steps, n_restarts=config.restarts, seed=seed, loss="margin")
     raise InputError(f"attack.name {config.name!r} is not supported")
@@ -129,39 +134,62 @@ def attack_outcomes(
     provenance: dict[str, str],
     device: torch.device | str = "cpu",
     return_adversarial: bool = False,
+    position_offset: int = 0,
 ) -> pd.DataFrame | tuple[pd.DataFrame, torch.Tensor]:
     """Attack ``network`` on every sample (white-box, its own attack) and return one row per sample.
 
     ``provenance`` must hold ``split``, ``model``, ``model_digest`` and ``split_digest``; they are
     stored on every row together with the attack's label and JSON config.
     With ``return_adversarial`` the adversarial images (float32, on the CPU) are returned too.
+
+    ``position_offset`` is the position of ``images[0]`` in the whole split: the batch starting
+    at local position ``start`` runs under seed ``seed * 1_000_003 + position_offset + start``, so
+    attacking a split in chunks (whose starts are multiples of ``batch_size``) gives the same rows
+    as attacking it whole.
+
+    With an ensemble config (``ensemble`` or ``preset``) the attacks run in order, each only on
+    the samples every earlier attack failed to break; a row records the worst case (the first
+    point that breaks the sample, else the point with the lowest margin) and the column
+    ``broken_by`` names the attack that broke it ("" when none did or the sample is a clean mistake).
     """
     missing = {"split", "model", "model_digest", "split_digest"} - provenance.keys()
     if missing:
         raise ValueError(f"provenance is missing {sorted(missing)}")
     network.eval()
-    attack = build_attack(network, config, num_classes, seed=seed)
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in ("clean_logits", "adversarial_logits", "linf")}
+    members = config.members()
+    attacks = [build_attack(network, member, num_classes, seed=seed) for member in members]
+    member_labels = [member.label() for member in members]
+    max_eps = config.max_eps
+    rows: dict[str, list] = {name: [] for name in ("clean_logits", "adversarial_logits", "linf", "broken_by")}
     adversarial_batches: list[torch.Tensor] = []
     for start in range(0, len(labels), config.batch_size):
         x = images[start : start + config.batch_size].to(device)
         y = labels[start : start + config.batch_size].to(device)
         clean_logits = _predict(network, x)
         if not torch.isfinite(clean_logits).all():
-            raise InputError(f"model {provenance['model']}: NaN or inf logits on {provenance['split']} samples {start}..{start + len(y) - 1}")
+            first = position_offset + start
+            raise InputError(f"model {provenance['model']}: NaN or inf logits on {provenance['split']} samples {first}..{first + len(y) - 1}")
         correct = clean_logits.argmax(1) == y
-        x_adv = x.clone()
-        if correct.any():
-            with torch.random.fork_rng(devices=_rng_devices(x)):
-                torch.manual_seed(seed * 1_000_003 + start)
-                x_adv[correct] = attack(x[correct], y[correct]).detach()
+        batch_seed = seed * 1_000_003 + position_offset + start
+        if config.is_ensemble:
+            x_adv, source = _ensemble_batch(network, attacks, member_labels, x, y, correct, batch_seed)
+        else:
+            x_adv = x.clone()
+            if correct.any():
+                with torch.random.fork_rng(devices=_rng_devices(x)):
+                    torch.manual_seed(batch_seed)
+                    x_adv[correct] = attacks[0](x[correct], y[correct]).detach()
         adversarial_logits = _predict(network, x_adv)
         linf = (x_adv - x).abs().flatten(1).amax(1)
-        if float(linf.max()) > config.eps + _LINF_TOLERANCE or float(x_adv.min()) < 0.0 or float(x_adv.max()) > 1.0:
+        if float(linf.max()) > max_eps + _LINF_TOLERANCE or float(x_adv.min()) < 0.0 or float(x_adv.max()) > 1.0:
             raise RuntimeError(f"attack {config.label()} returned points outside the eps-ball or [0, 1]; this is a bug in the attack backend")
         rows["clean_logits"].append(clean_logits.cpu())
         rows["adversarial_logits"].append(adversarial_logits.cpu())
         rows["linf"].append(linf.cpu())
+        if config.is_ensemble:
+            # who broke it, judged on the stored point itself, so that broken_by != "" exactly when robust is False
+            fooled = (adversarial_logits.argmax(1) != y) & correct
+            rows["broken_by"].extend(label if hit else "" for label, hit in zip(source, fooled.tolist()))
         if return_adversarial:
             adversarial_batches.append(x_adv.cpu())
     clean_logits = torch.cat(rows["clean_logits"])
@@ -170,26 +198,64 @@ def attack_outcomes(
     clean_prediction = clean_logits.argmax(1)
     adversarial_prediction = adversarial_logits.argmax(1)
     clean_correct = clean_prediction == labels_cpu
-    frame = pd.DataFrame(
-        {
-            "sample_index": sample_index.cpu().numpy().astype("int64"),
-            "label": labels_cpu.numpy().astype("int64"),
-            "clean_prediction": clean_prediction.numpy().astype("int64"),
-            "adversarial_prediction": adversarial_prediction.numpy().astype("int64"),
-            "clean_correct": clean_correct.numpy(),
-            "robust": (clean_correct & (adversarial_prediction == labels_cpu)).numpy(),
-            "clean_margin": logit_margin(clean_logits, labels_cpu).numpy(),
-            "adversarial_margin": logit_margin(adversarial_logits, labels_cpu).numpy(),
-            "linf_distance": torch.cat(rows["linf"]).numpy(),
-            "split": provenance["split"],
-            "model": provenance["model"],
-            "model_digest": provenance["model_digest"],
-            "split_digest": provenance["split_digest"],
-            "attack": config.label(),
-            "attack_config": json.dumps(config.identity(), sort_keys=True),
-        },
-        columns=list(OUTCOME_COLUMNS),
-    )
+    columns = list(OUTCOME_COLUMNS) + (["broken_by"] if config.is_ensemble else [])
+    data = {
+        "sample_index": sample_index.cpu().numpy().astype("int64"),
+        "label": labels_cpu.numpy().astype("int64"),
+        "clean_prediction": clean_prediction.numpy().astype("int64"),
+        "adversarial_prediction": adversarial_prediction.numpy().astype("int64"),
+        "clean_correct": clean_correct.numpy(),
+        "robust": (clean_correct & (adversarial_prediction == labels_cpu)).numpy(),
+        "clean_margin": logit_margin(clean_logits, labels_cpu).numpy(),
+        "adversarial_margin": logit_margin(adversarial_logits, labels_cpu).numpy(),
+        "linf_distance": torch.cat(rows["linf"]).numpy(),
+        "split": provenance["split"],
+        "model": provenance["model"],
+        "model_digest": provenance["model_digest"],
+        "split_digest": provenance["split_digest"],
+        "attack": config.label(),
+        "attack_config": json.dumps(config.identity(), sort_keys=True),
+    }
+    if config.is_ensemble:
+        data["broken_by"] = rows["broken_by"]
+    frame = pd.DataFrame(data, columns=columns)
     if return_adversarial:
         return frame, torch.cat(adversarial_batches)
     return frame
+
+
+ENSEMBLE_COLUMNS = (*OUTCOME_COLUMNS, "broken_by")
+"""Columns of an ensemble's outcome frame: :data:`OUTCOME_COLUMNS` plus ``broken_by``."""
+
+_MEMBER_SEED_STRIDE = 1_000_000_007
+
+
+def _ensemble_batch(network: nn.Module, attacks: list, member_labels: list[str], x: torch.Tensor, y: torch.Tensor,
+                    correct: torch.Tensor, batch_seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Run the ensemble's attacks in order on one batch; each only on the samples still robust.
+
+    Returns the worst-case points (the breaking point where an attack succeeded, else the point of
+    lowest margin over the attacks that ran; the clean input for clean mistakes) and, per sample,
+    the label of the attack whose point is kept ("" where none ran).
+    """
+    x_adv = x.clone()
+    source = [""] * len(y)
+    remaining = correct.clone()
+    best_margin = torch.full((len(y),), float("inf"), device=x.device)
+    for k, (attack, label) in enumerate(zip(attacks, member_labels)):
+        if not remaining.any():
+            break
+        index = remaining.nonzero().squeeze(1)
+        with torch.random.fork_rng(devices=_rng_devices(x)):
+            torch.manual_seed(batch_seed + k * _MEMBER_SEED_STRIDE)
+            candidate = attack(x[index], y[index]).detach()
+        logits = _predict(network, candidate)
+        margin = logit_margin(logits, y[index])
+        broken = logits.argmax(1) != y[index]
+        better = broken | (margin < best_margin[index])
+        x_adv[index[better]] = candidate[better]
+        best_margin[index[better]] = margin[better]
+        for position in index[better].tolist():
+            source[position] = label
+        remaining[index[broken]] = False
+    return x_adv, source

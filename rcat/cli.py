@@ -149,7 +149,7 @@ def attack(
     device = resolve_device(config.device)
     samples = load_data_argument(data, config.data, config.seed, split)
     loaded = _load_reference(model, samples, device, config, mean, std)
-    outcomes = pipeline.attack_model_on_splits(loaded, "model", {samples.name: samples}, config.attack, config.seed, device)
+    outcomes = pipeline.attack_model_on_splits(loaded, "model", {samples.name: samples}, config.attack, config.seed, device, config.engine)
     write_parquet(out, outcomes)
     print(f"{out}: {len(outcomes)} samples, accuracy {outcomes['clean_correct'].mean():.4f}, robust accuracy {outcomes['robust'].mean():.4f}")
 
@@ -196,7 +196,7 @@ def evaluate(
     samples = load_data_argument(data, config.data, config.seed, split)
     old_model = _load_reference(old, samples, device, config, mean, std)
     new_model = _load_reference(new, samples, device, config, mean, std)
-    metrics = pipeline.evaluate_pair(old_model, new_model, samples, config.attack, config.seed, device, out)
+    metrics = pipeline.evaluate_pair(old_model, new_model, samples, config.attack, config.seed, device, out, config.engine)
     print(" ".join(f"{key}={metrics[key]:.4f}" for key in ("accuracy_old", "accuracy_new", "robust_accuracy_old", "robust_accuracy_new", "nfr", "rnfr")))
 
 
@@ -205,10 +205,26 @@ def evaluate(
 def decide(
     params: ParamsOption = Path("params.yaml"),
     fail_on_reject: Annotated[bool, typer.Option(help="exit with code 3 unless a candidate is promoted")] = False,
+    replay: Annotated[Path | None, typer.Option(help="recompute the verdict stored in this decision.json and check it matches")] = None,
 ) -> None:
-    """Run the update gate over every evaluated candidate; write data/decide/decision.json."""
-    from rcat.pipeline import require_promotion
+    """Run the update gate over every evaluated candidate; write data/decide/decision.json.
 
+    With --replay FILE: recompute FILE's verdict from the evaluations it stores; exit 0 when it
+    matches, 2 when it does not (the record was edited or the gate's code changed).
+    """
+    from rcat.pipeline import replay_decision, require_promotion
+    from rcat.safe_io import read_json
+
+    if replay is not None:
+        record = read_json(replay)
+        result = replay_decision(record)
+        if not result["matches"]:
+            raise RcatError(f"{replay}: replay gives {result['verdict']} {result['candidate'] or ''} but the record says "
+                            f"{result['recorded_verdict']} {result['recorded_candidate'] or ''}; the record was edited or the gate changed")
+        print(f"{replay}: replayed verdict {result['verdict']} {result['candidate'] or ''} matches the record")
+        if fail_on_reject:
+            require_promotion(record)
+        return
     record = run_stage("decide", None, str(params))
     if fail_on_reject:
         require_promotion(record)

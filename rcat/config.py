@@ -132,6 +132,15 @@ class EngineConfig(Section):
             raise ValueError("cache_dir must live outside data/ (DVC deletes stage outputs before rerunning a stage)")
         return value
 
+    def effective_chunk_size(self, batch_size: int) -> int:
+        """``chunk_size`` when it is a multiple of ``batch_size``; for the default (not set by the user)
+        the nearest multiple below it (at least one batch). A user-set chunk size is checked in :class:`Params`."""
+        if self.chunk_size % batch_size == 0:
+            return self.chunk_size
+        if "chunk_size" in self.model_fields_set:
+            raise ConfigError(f"params.yaml: engine.chunk_size {self.chunk_size} must be a multiple of the attack's batch_size {batch_size}")
+        return max(1, self.chunk_size // batch_size) * batch_size
+
 
 class DataConfig(Section):
     """The data source and its seeded, stratified split into fine-tune / validation / test."""
@@ -306,6 +315,13 @@ class Params(Section):
         if value not in {"auto", "cpu", "cuda"} and not value.startswith("cuda:"):
             raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N")
         return value
+
+    @model_validator(mode="after")
+    def _chunks_hold_whole_batches(self) -> Params:
+        if "chunk_size" in self.engine.model_fields_set and self.engine.chunk_size % self.attack.batch_size:
+            raise ValueError(f"engine.chunk_size ({self.engine.chunk_size}) must be a multiple of attack.batch_size ({self.attack.batch_size}): "
+                             "chunking must not change which samples share a batch")
+        return self
 
     def trusted_factories(self) -> frozenset[str]:
         """The ``module:callable`` factories these params name: the only user code model files may build."""

@@ -27,7 +27,7 @@ from rcat.errors import InputError, UpdateRejected
 from rcat.finetune import adversarial_train, finetune
 from rcat.metrics import compare_outcomes
 from rcat.models import FACTORY_PREFIX, TORCHSCRIPT_PREFIX, LoadedModel, ModelSpec, check_model_on, load_model, load_model_reference, save_model
-from rcat.runtime import resolve_device, seed_everything
+from rcat.runtime import code_revision, resolve_device, seed_everything
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
 from rcat.tracking import Tracker
 
@@ -395,7 +395,10 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
     record = decide_update(evaluations, params.decision, expected)
     record["problems"] = problems
     record["inputs"] = input_digests(params, layout)
-    record["inputs"]["code_revision"] = tracker.revision if tracker is not None else None
+    record["inputs"]["code_revision"] = tracker.revision if tracker is not None else code_revision()
+    record["inputs"]["library_versions"] = library_versions()
+    # what the verdict was computed from, so that it can be replayed and audited (rcat decide --replay)
+    record["replay"] = {"evaluations": evaluations, "expected_samples": expected, "decision_config": params.decision.model_dump(mode="json")}
     write_json(layout.decision, record)
     _write_tradeoff(evaluations, layout.tradeoff)
     if tracker is not None:
@@ -425,6 +428,40 @@ def _write_tradeoff(evaluations: dict[str, dict[str, dict[str, Any] | None]], pa
     writer.writerows(rows)
     with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that change results or their records."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("rcat", "torch", "torchattacks", "numpy", "mlflow", "dvc", "prefect"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def replay_decision(record: dict[str, Any]) -> dict[str, Any]:
+    """Recompute a decision from the evaluations stored in its record; report whether it matches.
+
+    Returns ``{"matches": bool, "verdict": ..., "candidate": ..., "recorded_verdict": ..., "recorded_candidate": ...}``.
+    Raises :class:`InputError` when the record carries no replay data.
+    """
+    from rcat.config import DecisionConfig
+
+    replay = record.get("replay")
+    if not isinstance(replay, dict) or not {"evaluations", "expected_samples", "decision_config"} <= replay.keys():
+        raise InputError("decision record has no 'replay' section (written by an older rcat, or edited); rerun 'dvc repro decide'")
+    try:
+        config = DecisionConfig.model_validate(replay["decision_config"])
+    except ValueError as exc:
+        raise InputError(f"decision record: replay.decision_config is invalid ({exc.__class__.__name__})") from exc
+    again = decide_update(replay["evaluations"], config, replay["expected_samples"])
+    matches = (again["verdict"], again["candidate"], again["reasons"]) == (record.get("verdict"), record.get("candidate"), record.get("reasons"))
+    return {"matches": matches, "verdict": again["verdict"], "candidate": again["candidate"],
+            "recorded_verdict": record.get("verdict"), "recorded_candidate": record.get("candidate")}
 
 
 def require_promotion(record: dict[str, Any]) -> None:

@@ -119,3 +119,30 @@ def test_pickled_model_is_refused_without_unpickling(tmp_path, model_files, shor
     assert result.exit_code == EXIT_BAD_INPUT
     assert "evil.safetensors" in result.stderr
     assert not marker.exists()
+
+
+def test_decide_replay_matches_and_detects_edits(tmp_path):
+    """decision.json stores what its verdict came from; --replay recomputes it and catches an edited record."""
+    from rcat import pipeline
+    from rcat.config import DecisionConfig
+
+    good = {"accuracy_old": 0.9, "accuracy_new": 0.95, "robust_accuracy_old": 0.6, "robust_accuracy_new": 0.7, "nfr": 0.01, "rnfr": 0.02, "snfr": 0.03, "n_samples": 100}
+    evaluations = {"new": {"validation": good, "test": good}}
+    config = DecisionConfig()
+    record = pipeline.decide_update(evaluations, config, {"validation": 100, "test": 100})
+    record["replay"] = {"evaluations": evaluations, "expected_samples": {"validation": 100, "test": 100}, "decision_config": config.model_dump(mode="json")}
+    path = tmp_path / "decision.json"
+    path.write_text(json.dumps(record))
+    result = runner.invoke(app, ["decide", "--replay", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "matches" in result.output and record["verdict"] == "promote"
+
+    record["verdict"], record["candidate"] = "reject", None  # a forged verdict
+    path.write_text(json.dumps(record))
+    result = runner.invoke(app, ["decide", "--replay", str(path)])
+    assert result.exit_code == EXIT_BAD_INPUT and "record says reject" in result.stderr
+
+    del record["replay"]
+    path.write_text(json.dumps(record))
+    result = runner.invoke(app, ["decide", "--replay", str(path)])
+    assert result.exit_code == EXIT_BAD_INPUT and "no 'replay' section" in result.stderr

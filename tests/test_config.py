@@ -47,7 +47,8 @@ def test_repo_params_validate():
     params = load_params(REPO_PARAMS)
     assert isinstance(params, Params)
     assert params.attack == AttackConfig(name="apgd", loss="dlr", norm="Linf", eps=0.1, steps=50, restarts=1, batch_size=512)
-    assert set(params.finetune.methods) == {"at", "pct", "pct_at", "rcat"}
+    assert set(params.finetune.methods) == {"at", "pct", "pct_at", "rcat", "rcat_cache", "rcat_cache_focal"}
+    assert params.finetune.methods["rcat_cache_focal"].constraint_term == "focal_ce"
     assert params.finetune.methods["rcat"] == MethodConfig(loss="rcat", alpha=0.5, beta=0.4)
     assert params.finetune.attack.name == "fgsm_rs" and params.finetune.attack.step_size is None
     assert params.train_old.architecture_kwargs == {"hidden": [32]}

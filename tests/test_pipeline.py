@@ -47,6 +47,9 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     assert set(decision["inputs"]["models"]) == {"old", "new", *methods}
     assert all(decision["inputs"]["models"].values())
     assert set(decision["inputs"]["data"]) == {"finetune", "validation", "test"}
+    assert decision["inputs"]["library_versions"]["torchattacks"].startswith("3.3")
+    replayed = subprocess.run(["rcat", "decide", "--replay", "data/decide/decision.json"], cwd=work, capture_output=True, text=True)
+    assert replayed.returncode == 0 and "matches the record" in replayed.stdout, replayed.stderr
 
     from mlflow.tracking import MlflowClient
 

@@ -1,0 +1,223 @@
+"""Throughput of the attack engine (rcat/engine.py) against a plain torchattacks loop, in one process.
+
+Same small CNN, same CIFAR-size data (3x32x32), same attacks:
+
+* ``ratio_vs_plain``: the engine (first, uncached run: chunking, shards, manifest) against a plain
+  loop over batches that does the same work (torchattacks on the clean-correct samples, then the
+  predictions): > 1 is faster, ~1 means the engine's bookkeeping costs nothing measurable;
+* ``ratio_vs_plain_realistic``: the engine running an ensemble the way it does (clean mistakes
+  not attacked, each next attack only on samples still robust) against the plain loop running
+  every attack on every sample;
+* ``scaleout_2w_vs_1w``: the engine with 2 Dask workers (Prefect tasks on a running local
+  cluster reached through ``dask_address``, one torch thread each; cluster start-up excluded, the
+  cold figure with a cluster started per run is printed too) against 1 worker (in process, one
+  torch thread);
+* ``cached_rerun_fraction``: wall time of a rerun with the same inputs over the first run's;
+* ``peak_rss_mb``: this process's peak resident set size (resource.getrusage; Dask workers are
+  separate processes and not included).
+
+Data: a class-balanced subsample of real CIFAR-10 images read with
+``rcat.data.load_dataset("imagefolder:...")`` from /work/shared/data/cifar10-jpeg/train when
+present (the folder is linked into a temporary directory, so only the subsample is decoded),
+otherwise seeded random images (the output says which). The CNN is trained clean for a few
+epochs first, so that clean mistakes exist in realistic proportion.
+
+    python benchmarks/attack_throughput.py --quick   # under a minute
+    python benchmarks/attack_throughput.py           # larger sample, longer attacks
+
+Prints the figures as one JSON line, last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CIFAR_DIR = Path("/work/shared/data/cifar10-jpeg/train")
+
+
+def load_data(per_class: int, workdir: Path):
+    import torch
+
+    from rcat.data import load_dataset
+
+    if CIFAR_DIR.is_dir():
+        folder = workdir / "cifar-subsample"
+        for class_dir in sorted(p for p in CIFAR_DIR.iterdir() if p.is_dir()):
+            target = folder / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:per_class]:
+                (target / image.name).symlink_to(image)
+        dataset = load_dataset(f"imagefolder:{folder}")
+        return dataset.images, dataset.labels, f"CIFAR-10 JPEG, {len(dataset.labels)} real images ({per_class} per class) from {CIFAR_DIR}"
+    generator = torch.Generator().manual_seed(0)
+    n = per_class * 10
+    images = torch.rand(n, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    return images, labels, f"random data ({n} images 3x32x32; {CIFAR_DIR} not found)"
+
+
+def train(network, images, labels, epochs: int) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+    network.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels))
+        for start in range(0, len(labels), 64):
+            batch = order[start : start + 64]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(network(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    network.eval()
+
+
+def plain_loop(network, images, labels, configs, batch_size: int, seed: int, *, skip_mistakes: bool) -> float:
+    """A plain torchattacks loop over batches; returns its wall time. Every attack on every sample
+    (``skip_mistakes=False``), or only on clean-correct samples (the engine's work for one attack)."""
+    import torch
+
+    from rcat.attacks import build_attack
+
+    attacks = [build_attack(network, config, 10, seed=seed) for config in configs]
+    begin = time.perf_counter()
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        with torch.no_grad():
+            correct = network(x).argmax(1) == y
+        for attack in attacks:
+            if skip_mistakes:
+                x_adv = x.clone()
+                if correct.any():
+                    x_adv[correct] = attack(x[correct], y[correct])
+            else:
+                x_adv = attack(x, y)
+            with torch.no_grad():
+                network(x_adv).argmax(1)
+    return time.perf_counter() - begin
+
+
+def timed_engine(network, split, config, cache_dir: Path, chunk_size: int, seed: int, **kwargs):
+    from rcat.engine import run_attack
+
+    provenance = {"split": "bench", "model": "cnn", "model_digest": "-", "split_digest": "-"}
+    begin = time.perf_counter()
+    frame = run_attack(network, split, config, num_classes=10, seed=seed, provenance=provenance, cache_dir=cache_dir, chunk_size=chunk_size, **kwargs)
+    return time.perf_counter() - begin, frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sample and short attacks: finishes within a minute")
+    parser.add_argument("--no-dask", action="store_true", help="skip the 2-worker scale-out measurement")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="rcat-bench-"))
+    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))  # never the user's Prefect database
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry (offline machines)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # keep the figures readable
+    import torch
+
+    from rcat.config import AttackConfig
+    from rcat.models import ModelSpec
+
+    per_class, steps, queries, epochs, batch = (40, 20, 200, 3, 100) if args.quick else (200, 50, 1000, 6, 200)
+    chunk = 2 * batch
+    seed = 0
+    began = time.perf_counter()
+    images, labels, data_note = load_data(per_class, workdir)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order].contiguous(), labels[order].contiguous()
+    sample_index = torch.arange(len(labels))
+    print(f"data: {data_note}", flush=True)
+    torch.manual_seed(0)  # the same initial weights on every run
+    network = ModelSpec("cnn", (3, 32, 32), 10, {"channels": [16, 32], "hidden": 64}).build()
+    train(network, images, labels, epochs)
+    with torch.no_grad():
+        accuracy = float((network(images).argmax(1) == labels).float().mean())
+    print(f"model: small CNN (16-32 channels), trained clean {epochs} epochs on the same images; clean accuracy {accuracy:.3f}", flush=True)
+    print(f"torch threads: {torch.get_num_threads()}, CPU cores: {os.cpu_count()}", flush=True)
+    split = (images, labels, sample_index)
+
+    single = AttackConfig(name="apgd", loss="dlr", eps=8 / 255, steps=steps, batch_size=batch)
+    ensemble = AttackConfig(eps=8 / 255, batch_size=batch, ensemble=[
+        AttackConfig(name="apgd", loss="ce", eps=8 / 255, steps=steps, batch_size=batch),
+        AttackConfig(name="square", loss="ce", eps=8 / 255, steps=queries, batch_size=batch),
+    ])
+
+    # (a) single attack: plain loop doing the same work vs the engine (first run, then cached rerun)
+    plain_same = plain_loop(network, images, labels, [single], batch, seed, skip_mistakes=True)
+    plain_all = plain_loop(network, images, labels, [single], batch, seed, skip_mistakes=False)
+    first, frame = timed_engine(network, split, single, workdir / "cache", chunk, seed)
+    rerun, again = timed_engine(network, split, single, workdir / "cache", chunk, seed)
+    assert again.equals(frame)
+    n = len(labels)
+    print(f"single attack {single.label()} on {n} samples:", flush=True)
+    print(f"  plain loop, clean-correct samples only: {plain_same:.2f} s ({n / plain_same:.0f} samples/s)")
+    print(f"  plain loop, every sample:               {plain_all:.2f} s ({n / plain_all:.0f} samples/s)")
+    print(f"  engine, first run (chunk {chunk}):       {first:.2f} s ({n / first:.0f} samples/s)")
+    print(f"  engine, cached rerun:                   {rerun:.3f} s ({rerun / first:.2%} of the first run)")
+    print(f"  robust accuracy {frame['robust'].mean():.3f}", flush=True)
+
+    # (b) realistic: ensemble with clean-mistake skip and only-still-robust, vs every attack on every sample
+    plain_ensemble = plain_loop(network, images, labels, ensemble.members(), batch, seed, skip_mistakes=False)
+    engine_ensemble, ens_frame = timed_engine(network, split, ensemble, workdir / "cache-ensemble", chunk, seed)
+    print(f"ensemble {ensemble.label()}:", flush=True)
+    print(f"  plain loop, every attack on every sample: {plain_ensemble:.2f} s")
+    print(f"  engine (skip mistakes, only still-robust): {engine_ensemble:.2f} s; robust accuracy {ens_frame['robust'].mean():.3f}; "
+          f"broken by: {ens_frame['broken_by'].replace('', 'none').value_counts().to_dict()}", flush=True)
+
+    # (c) scale-out: 2 Dask workers vs 1, same attack, fresh caches, one batch per chunk (balance). "1 worker" = one torch thread in
+    # process, as each Dask worker runs (results are bit-identical only at equal thread counts:
+    # oneDNN's convolutions reduce in a thread-count dependent order).
+    scaleout = None
+    if not args.no_dask:
+        from distributed import LocalCluster
+
+        from rcat.engine import dask_worker_environment, prefect_api_for_workers
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        one, one_frame = timed_engine(network, split, single, workdir / "cache-1w", batch, seed)
+        torch.set_num_threads(threads)
+        with prefect_api_for_workers():  # one ephemeral Prefect API for the driver and every worker
+            cold, cold_frame = timed_engine(network, split, single, workdir / "cache-2w-cold", batch, seed, workers=2)
+            begin = time.perf_counter()
+            with dask_worker_environment(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+                startup = time.perf_counter() - begin
+                warmup = (images[: 2 * batch], labels[: 2 * batch], sample_index[: 2 * batch])  # both workers import torch and rcat once
+                timed_engine(network, warmup, single, workdir / "cache-warmup", batch, seed, dask_address=cluster.scheduler_address)
+                two, two_frame = timed_engine(network, split, single, workdir / "cache-2w", batch, seed, dask_address=cluster.scheduler_address)
+        identical = two_frame.equals(one_frame) and cold_frame.equals(one_frame)
+        scaleout = one / two
+        print(f"scale-out, {n} samples, {len(range(0, n, batch))} chunks of {batch}:", flush=True)
+        print(f"  1 worker (1 torch thread, in process):            {one:.2f} s")
+        print(f"  2 Dask workers, running cluster (dask_address):   {two:.2f} s -> {one / two:.2f}x (cluster start-up {startup:.1f} s excluded)")
+        print(f"  2 Dask workers, cold (local cluster per run):     {cold:.2f} s -> {one / cold:.2f}x (start-up included)")
+        print(f"  results identical to the single-process run: {identical}", flush=True)
+        if not identical:
+            raise SystemExit("the 2-worker result differs from the single-process one")
+
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"total benchmark wall time {time.perf_counter() - began:.1f} s", flush=True)
+    figures = {
+        "ratio_vs_plain": round(plain_same / first, 3),
+        "ratio_vs_plain_realistic": round(plain_ensemble / engine_ensemble, 3),
+        "scaleout_2w_vs_1w": None if scaleout is None else round(scaleout, 3),
+        "cached_rerun_fraction": round(rerun / first, 4),
+        "peak_rss_mb": round(peak_rss_mb, 1),
+    }
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""A content-addressed, chunked, resumable attack runner over :func:`rcat.attacks.attack_outcomes`.
+
+* **Content-addressed.** A run's key (:func:`attack_key`) is the SHA-256 of the model's weights,
+  the split's content, the attack's identity, the seed, the chunk size and the versions of torch,
+  torchattacks and this engine's format. The same key means the same result, so a rerun reuses
+  it; any change of an input gives a new key (and a new directory). ``batch_size`` and
+  ``cache_dir`` are not part of it.
+* **Chunked.** Samples are attacked ``chunk_size`` at a time; chunk ``i`` is written atomically as
+  ``<cache_dir>/<key>/chunk-<i:05d>.parquet``. A chunk's rows do not depend on the chunking
+  (``chunk_size`` is a multiple of the attack's ``batch_size`` and every batch is seeded by its
+  position in the whole split), so the merged chunks equal one ``attack_outcomes`` call on the
+  whole split. Only one chunk's adversarial points are in memory at a time; with
+  ``save_adversarial=True`` they are written as float32 safetensors next to the shard
+  (``chunk-<i:05d>.adversarial.safetensors``).
+* **Resumable.** ``manifest.json`` is written last and marks a complete run. A run killed midway
+  resumes at the first missing shard. Shards are checked before reuse (key recorded in the shard
+  and the manifest, row count, sample indices, and the manifest's SHA-256 of each shard): a
+  corrupt or foreign shard is recomputed with a warning, never silently reused.
+* **Distributed (optional).** With ``workers > 1`` or a ``dask_address``, missing chunks run as
+  Prefect tasks on a ``prefect_dask.DaskTaskRunner`` (a local cluster with one torch thread per
+  worker, or the scheduler at ``dask_address``). Workers write their shards; only the driver
+  writes the manifest.
+
+Shards hold the computed columns only; provenance (split and model names, digests) and the
+attack's label are added when the frame is assembled, so one cached run serves every caller
+that attacks the same weights on the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+import torchattacks
+from torch import nn
+
+from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
+from rcat.config import AttackConfig
+from rcat.errors import InputError
+from rcat.safe_io import parquet_metadata, read_json, read_parquet, sha256_file, sha256_json, write_json, write_parquet, write_tensors
+
+ENGINE_FORMAT_VERSION = "1"
+MANIFEST_NAME = "manifest.json"
+
+PROVENANCE_COLUMNS = ("split", "model", "model_digest", "split_digest", "attack", "attack_config")
+COMPUTED_COLUMNS = tuple(column for column in OUTCOME_COLUMNS if column not in PROVENANCE_COLUMNS)
+"""Columns stored in a shard (everything in :data:`OUTCOME_COLUMNS` that does not name where a row came from)."""
+
+
+class CacheWarning(UserWarning):
+    """A cached shard or manifest could not be used and is recomputed."""
+
+
+class SplitTensors(NamedTuple):
+    """What the engine attacks: images in [0, 1], labels and each sample's index in the source."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sample_index: torch.Tensor
+
+
+def versions() -> dict[str, str]:
+    """The versions a cached result depends on."""
+    return {"torch": torch.__version__, "torchattacks": torchattacks.__version__, "engine_format": ENGINE_FORMAT_VERSION}
+
+
+def attack_key(model_digest: str, split_digest: str, attack_identity: dict[str, Any], seed: int, chunk_size: int) -> str:
+    """SHA-256 of everything a run's result depends on (plus torch, torchattacks and format versions)."""
+    payload = {"model_digest": model_digest, "split_digest": split_digest, "attack": attack_identity, "seed": int(seed),
+               "chunk_size": int(chunk_size), **versions()}
+    return sha256_json(payload)
+
+
+def tensors_digest(*tensors: torch.Tensor) -> str:
+    """The same hex digest as :func:`rcat.safe_io.sha256_tensors` (dtype, shape, raw bytes of each
+    tensor), hashed from the tensors' memory without a copy: a cached rerun's cost is mostly this."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        array = tensor.detach().cpu().contiguous()
+        digest.update(str(array.dtype).encode())
+        digest.update(str(tuple(array.shape)).encode())
+        flat = array.reshape(-1)
+        try:
+            buffer = flat.numpy()
+        except TypeError:  # dtypes numpy lacks (bfloat16, ...): hash the raw bytes
+            buffer = flat.view(torch.uint8).numpy()
+        digest.update(memoryview(buffer).cast("B"))
+    return digest.hexdigest()
+
+
+def model_content_digest(network: nn.Module) -> str:
+    """SHA-256 of a network's class and state dict (parameter and buffer names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    digest.update(f"{type(network).__module__}.{type(network).__qualname__}".encode())
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensors_digest(tensor).encode())
+    return digest.hexdigest()
+
+
+def split_content_digest(split: Any) -> str:
+    """SHA-256 of a split's images, labels and sample indices (the same as :attr:`rcat.data.Split.digest`)."""
+    images, labels, sample_index = _split_tensors(split)
+    return tensors_digest(images, labels, sample_index)
+
+
+def run_key(network: nn.Module, split: Any, config: AttackConfig, seed: int, chunk_size: int) -> str:
+    """The key :func:`run_attack` files this run under (``<cache_dir>/<key>/``)."""
+    images, labels, sample_index = _split_tensors(split)
+    return attack_key(model_content_digest(network), tensors_digest(images, labels, sample_index), config.identity(), seed, chunk_size)
+
+
+def _split_tensors(split: Any) -> SplitTensors:
+    if isinstance(split, tuple) and len(split) == 3:
+        return SplitTensors(*split)
+    return SplitTensors(split.images, split.labels, split.sample_index)
+
+
+def check_chunk_size(chunk_size: int, config: AttackConfig) -> None:
+    """``chunk_size`` must be a positive multiple of the attack's ``batch_size`` (chunking must not change results)."""
+    if chunk_size < 1 or chunk_size % config.batch_size:
+        raise InputError(f"engine.chunk_size {chunk_size} must be a positive multiple of attack.batch_size {config.batch_size} "
+                         "(otherwise chunking would change which samples share a batch, and the results); "
+                         f"use e.g. chunk_size: {max(1, chunk_size // config.batch_size) * config.batch_size}")
+
+
+def shard_name(index: int) -> str:
+    return f"chunk-{index:05d}.parquet"
+
+
+def adversarial_name(index: int) -> str:
+    return f"chunk-{index:05d}.adversarial.safetensors"
+
+
+def _columns(config: AttackConfig) -> list[str]:
+    return list(COMPUTED_COLUMNS) + (["broken_by"] if config.is_ensemble else [])
+
+
+def compute_chunk(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig, *,
+                  num_classes: int, seed: int, device: torch.device | str, offset: int, directory: Path, index: int, key: str,
+                  save_adversarial: bool) -> dict[str, Any]:
+    """Attack one chunk (positions ``offset``... of the split) and write its shard; return the shard's record."""
+    provenance = {"split": "-", "model": "-", "model_digest": "-", "split_digest": "-"}
+    began = time.perf_counter()
+    result = attack_outcomes(network, images, labels, sample_index, config, num_classes=num_classes, seed=seed, provenance=provenance,
+                             device=device, return_adversarial=save_adversarial, position_offset=offset)
+    frame, adversarial = result if save_adversarial else (result, None)
+    frame = frame[_columns(config)]
+    metadata = {"engine_key": key, "chunk": str(index), "offset": str(offset)}
+    if adversarial is not None:
+        # written before the shard: a present shard implies its adversarial points are there too
+        write_tensors(directory / adversarial_name(index), {"adversarial": adversarial.float(), "sample_index": sample_index.cpu()}, metadata)
+    path = write_parquet(directory / shard_name(index), frame, metadata)
+    return {"file": path.name, "rows": len(frame), "sha256": sha256_file(path), "seconds": round(time.perf_counter() - began, 3),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _load_shard(path: Path, key: str, expected_index: np.ndarray, sha256: str | None, columns: list[str]) -> tuple[pd.DataFrame | None, str]:
+    """A shard's frame if it is intact and belongs to this run, else ``(None, reason)``."""
+    if not path.is_file():
+        return None, "missing"
+    if sha256 is not None and sha256_file(path) != sha256:
+        return None, "its SHA-256 differs from the manifest's"
+    try:
+        if parquet_metadata(path).get("engine_key") != key:
+            return None, "it belongs to another run (key mismatch)"
+        frame = read_parquet(path)
+    except Exception as exc:  # corrupt footer, truncated file, ...
+        return None, f"unreadable ({type(exc).__name__})"
+    if len(frame) != len(expected_index):
+        return None, f"it has {len(frame)} rows, expected {len(expected_index)}"
+    if list(frame.columns) != columns or not np.array_equal(frame["sample_index"].to_numpy(), expected_index):
+        return None, "its columns or sample indices do not match the split"
+    return frame, ""
+
+
+def _read_manifest(directory: Path, key: str, n_samples: int, n_chunks: int) -> tuple[dict[str, Any] | None, str]:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return None, ""
+    try:
+        manifest = read_json(path)
+    except InputError as exc:
+        return None, str(exc)
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return None, f"{path}: records another key"
+    chunks = manifest.get("chunks")
+    if manifest.get("n_samples") != n_samples or not isinstance(chunks, list) or len(chunks) != n_chunks:
+        return None, f"{path}: shard or sample count does not match"
+    if not all(isinstance(chunk, dict) and isinstance(chunk.get("sha256"), str) for chunk in chunks):
+        return None, f"{path}: malformed shard records"
+    return manifest, ""
+
+
+def run_attack(
+    network: nn.Module,
+    split: Any,
+    config: AttackConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    provenance: dict[str, str],
+    device: torch.device | str = "cpu",
+    cache_dir: str | Path,
+    chunk_size: int,
+    progress: bool = False,
+    save_adversarial: bool = False,
+    workers: int = 1,
+    dask_address: str | None = None,
+) -> pd.DataFrame:
+    """Attack ``network`` on ``split`` (``images``, ``labels``, ``sample_index``), chunked and cached.
+
+    Returns the same frame (columns and values) as :func:`rcat.attacks.attack_outcomes` on the
+    whole split. See the module docstring for the cache layout and the checks before reuse.
+    """
+    missing = {"split", "model", "model_digest", "split_digest"} - provenance.keys()
+    if missing:
+        raise ValueError(f"provenance is missing {sorted(missing)}")
+    check_chunk_size(chunk_size, config)
+    images, labels, sample_index = _split_tensors(split)
+    n_samples = int(labels.shape[0])
+    key = run_key(network, (images, labels, sample_index), config, seed, chunk_size)
+    directory = Path(cache_dir) / key
+    starts = list(range(0, n_samples, chunk_size))
+    columns = _columns(config)
+    say = _reporter(progress, key, len(starts))
+
+    manifest, problem = _read_manifest(directory, key, n_samples, len(starts))
+    if problem:
+        warnings.warn(f"attack cache {directory}: ignoring the manifest ({problem}); checking shards one by one", CacheWarning, stacklevel=2)
+    records: list[dict[str, Any] | None] = [None] * len(starts)
+    frames: list[pd.DataFrame | None] = [None] * len(starts)
+    todo: list[int] = []
+    index_all = sample_index.cpu().numpy().astype("int64")
+    for i, start in enumerate(starts):
+        expected = index_all[start : start + chunk_size]
+        sha = manifest["chunks"][i]["sha256"] if manifest else None
+        frame, reason = _load_shard(directory / shard_name(i), key, expected, sha, columns)
+        if frame is not None and save_adversarial and not (directory / adversarial_name(i)).is_file():
+            frame, reason = None, "its adversarial points are missing"
+        if frame is None:
+            if reason != "missing" or manifest is not None:
+                warnings.warn(f"attack cache {directory / shard_name(i)}: {reason}; recomputing the chunk", CacheWarning, stacklevel=2)
+            todo.append(i)
+            continue
+        frames[i] = frame
+        records[i] = {"file": shard_name(i), "rows": len(frame), "sha256": sha if sha else sha256_file(directory / shard_name(i))}
+        say(i, "cached")
+
+    if todo:
+        directory.mkdir(parents=True, exist_ok=True)
+        common = {"num_classes": num_classes, "seed": seed, "device": device, "directory": directory, "key": key, "save_adversarial": save_adversarial}
+        if workers > 1 or dask_address:
+            jobs = [(i, starts[i]) for i in todo]
+            for i, record in zip(todo, run_chunks_on_dask(network, images, labels, sample_index, config, jobs, chunk_size, common,
+                                                          workers=workers, address=dask_address)):
+                records[i] = record
+                say(i, "computed (dask)")
+        else:
+            for i in todo:
+                start = starts[i]
+                end = start + chunk_size
+                records[i] = compute_chunk(network, images[start:end], labels[start:end], sample_index[start:end], config, offset=start, index=i, **common)
+                say(i, "computed")
+        for i in todo:
+            frame, reason = _load_shard(directory / shard_name(i), key, index_all[starts[i] : starts[i] + chunk_size], records[i]["sha256"], columns)
+            if frame is None:
+                raise RuntimeError(f"attack cache {directory / shard_name(i)}: the shard just written does not read back ({reason})")
+            frames[i] = frame
+    if todo or manifest is None:
+        write_json(directory / MANIFEST_NAME, {
+            "key": key, "n_samples": n_samples, "chunk_size": chunk_size, "chunks": records, "columns": columns,
+            "attack": config.identity(), "attack_label": config.label(), "seed": seed, "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+    return _assemble(frames, config, provenance, n_samples)
+
+
+def _assemble(frames: list[pd.DataFrame | None], config: AttackConfig, provenance: dict[str, str], n_samples: int) -> pd.DataFrame:
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_columns(config))
+    data: dict[str, Any] = {column: merged[column].to_numpy() for column in COMPUTED_COLUMNS}
+    data.update({name: provenance[name] for name in ("split", "model", "model_digest", "split_digest")})
+    data["attack"] = config.label()
+    data["attack_config"] = json.dumps(config.identity(), sort_keys=True)
+    columns = list(OUTCOME_COLUMNS)
+    if config.is_ensemble:
+        data["broken_by"] = merged["broken_by"].tolist()
+        columns.append("broken_by")
+    frame = pd.DataFrame(data, columns=columns)
+    assert len(frame) == n_samples
+    return frame
+
+
+def _reporter(progress: bool, key: str, n_chunks: int) -> Callable[[int, str], None]:
+    def say(index: int, what: str) -> None:
+        if progress:
+            print(f"[rcat.engine {key[:12]}] chunk {index + 1}/{n_chunks} {what}", file=sys.stderr, flush=True)
+
+    return say
+
+
+# ---------------------------------------------------------------- distribution (Prefect + Dask)
+
+
+def _chunk_in_worker(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig,
+                     offset: int, index: int, common: dict[str, Any]) -> dict[str, Any]:
+    """One chunk on a Dask worker: one torch thread (workers must not oversubscribe the cores)."""
+    torch.set_num_threads(1)
+    return compute_chunk(network, images, labels, sample_index, config, offset=offset, index=index, **common)
+
+
+def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig,
+                       jobs: list[tuple[int, int]], chunk_size: int, common: dict[str, Any], *, workers: int, address: str | None) -> list[dict[str, Any]]:
+    """Run chunks ``jobs`` (index, start) as Prefect tasks on a DaskTaskRunner; return their shard records in order.
+
+    A local cluster of ``workers`` processes with one thread each, or the scheduler at ``address``.
+    The network and each chunk's tensors travel to the workers (pickled by Dask); workers write
+    the shards, the caller writes the manifest.
+    """
+    try:
+        from prefect import flow, task
+        from prefect.cache_policies import NONE
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:  # pragma: no cover - prefect-dask is a declared dependency
+        raise InputError(f"engine.workers > 1 / engine.dask_address need prefect-dask ({exc}); pip install 'prefect-dask>=0.3'") from exc
+
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    network = network.cpu() if torch.device(common["device"]).type == "cpu" else network
+    attack_chunk = task(_chunk_in_worker, name="attack-chunk", cache_policy=NONE, persist_result=False)
+
+    @flow(name="rcat-attack-chunks", task_runner=runner, validate_parameters=False, persist_result=False)
+    def attack_chunks() -> list[dict[str, Any]]:
+        futures = [attack_chunk.submit(network, images[start : start + chunk_size].clone(), labels[start : start + chunk_size].clone(),
+                                       sample_index[start : start + chunk_size].clone(), config, start, index, common)
+                   for index, start in jobs]
+        return [future.result() for future in futures]
+
+    with prefect_api_for_workers(), dask_worker_environment():
+        return attack_chunks()
+
+
+@contextlib.contextmanager
+def dask_worker_environment() -> Iterator[None]:
+    """Spawn local Dask workers without ``MALLOC_TRIM_THRESHOLD_``, and leave this process's environment as it was.
+
+    distributed's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; any value of it
+    turns off glibc's dynamic mmap threshold, so every tensor above 128 KiB is mmap'ed and
+    unmapped again: attacks ran 1.6x slower in a worker than in process (measured). The nanny
+    also copies its worker variables (``OMP_NUM_THREADS=1``, ...) into the spawning process's
+    own environment, where later subprocesses (DVC stages) would inherit them; they are restored.
+    Use it around the creation of a local cluster (``run_attack`` does, for ``workers > 1``).
+    """
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {})
+    environ["MALLOC_TRIM_THRESHOLD_"] = None  # None: not set at all (see distributed.nanny._get_env_variables)
+    keys = set(environ) | {"PYTHONHASHSEED"}
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def prefect_api_for_workers() -> Iterator[None]:
+    """Make the driver and the Dask workers it spawns report to one Prefect API.
+
+    Without ``PREFECT_API_URL`` every process would start an ephemeral server of its own (seconds
+    to minutes each, migrating a database): start the ephemeral one here, once, and hand its URL
+    to the workers through the environment they inherit.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous

@@ -1,0 +1,361 @@
+"""The attack engine: chunked = whole, content-addressed reuse, kill-and-resume, corrupt shards,
+ensembles (worst case, broken_by, only still-robust samples attacked), Dask scale-out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rcat import attacks as attacks_module
+from rcat import engine
+from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes, build_attack
+from rcat.config import AttackConfig, EngineConfig, parse_params
+from rcat.data import Split
+from rcat.errors import ConfigError, InputError
+
+from conftest import REPO_ROOT
+
+EPS = 0.1
+APGD = AttackConfig(name="apgd", loss="dlr", eps=EPS, steps=5, batch_size=16)
+PGD = AttackConfig(name="pgd", loss="ce", eps=EPS, steps=5, batch_size=16)
+WEAK = AttackConfig(name="fgsm", loss="ce", eps=0.02, batch_size=16)
+ENSEMBLE = AttackConfig(eps=EPS, batch_size=16, ensemble=[WEAK, PGD])
+PROVENANCE = {"split": "validation", "model": "mlp", "model_digest": "m" * 64, "split_digest": "s" * 64}
+
+
+def whole(network, split, config, seed=0, **kwargs):
+    return attack_outcomes(network, split.images, split.labels, split.sample_index, config, num_classes=split.num_classes,
+                           seed=seed, provenance=PROVENANCE, **kwargs)
+
+
+def chunked(network, split, config, cache_dir, chunk_size=32, seed=0, **kwargs):
+    return engine.run_attack(network, split, config, num_classes=split.num_classes, seed=seed, provenance=PROVENANCE,
+                             cache_dir=cache_dir, chunk_size=chunk_size, **kwargs)
+
+
+@pytest.fixture
+def count_attacks(monkeypatch):
+    """Count calls of the attack adapter made by the engine (one per computed chunk)."""
+    calls = []
+    original = engine.attack_outcomes
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("position_offset", 0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "attack_outcomes", counting)
+    return calls
+
+
+@pytest.mark.parametrize("config", [APGD, ENSEMBLE], ids=["apgd", "ensemble"])
+def test_chunked_result_equals_one_call_on_the_whole_split(config, trained_mlp, tiny_split, tmp_path):
+    network, _ = trained_mlp
+    expected = whole(network, tiny_split, config)
+    result = chunked(network, tiny_split, config, tmp_path, chunk_size=32)  # 4 chunks, the last partial (120 = 3*32 + 24)
+    pd.testing.assert_frame_equal(result, expected)
+    key_dir = next(tmp_path.iterdir())
+    assert sorted(p.name for p in key_dir.glob("chunk-*.parquet")) == [f"chunk-{i:05d}.parquet" for i in range(4)]
+    manifest = json.loads((key_dir / "manifest.json").read_text())
+    assert manifest["key"] == key_dir.name and manifest["n_samples"] == 120 and [c["rows"] for c in manifest["chunks"]] == [32, 32, 32, 24]
+
+
+def test_position_offset_reproduces_the_whole_split_batches(trained_mlp, tiny_split):
+    network, _ = trained_mlp
+    full, full_adv = whole(network, tiny_split, PGD, return_adversarial=True)
+    part = Split("validation", tiny_split.images[48:96], tiny_split.labels[48:96], tiny_split.sample_index[48:96], 10, "digits")
+    piece, piece_adv = whole(network, part, PGD, return_adversarial=True, position_offset=48)
+    assert torch.equal(piece_adv, full_adv[48:96])
+    pd.testing.assert_frame_equal(piece, full.iloc[48:96].reset_index(drop=True))
+
+
+def test_cached_rerun_reads_shards_without_attacking(trained_mlp, tiny_split, tmp_path, count_attacks):
+    network, _ = trained_mlp
+    first = chunked(network, tiny_split, APGD, tmp_path)
+    assert count_attacks == [0, 32, 64, 96]
+    count_attacks.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an intact cache is reused without any warning
+        second = chunked(network, tiny_split, APGD, tmp_path)
+    assert count_attacks == []
+    pd.testing.assert_frame_equal(first, second)
+    # provenance is not cached: the same weights attacked under another role get their own labels
+    other = engine.run_attack(network, tiny_split, APGD, num_classes=10, seed=0, cache_dir=tmp_path, chunk_size=32,
+                              provenance={**PROVENANCE, "model": "at", "split": "test"})
+    assert count_attacks == []
+    assert set(other["model"]) == {"at"} and set(other["split"]) == {"test"}
+
+
+def test_key_changes_with_every_input_and_not_with_batch_size_or_cache_dir(trained_mlp, tiny_split):
+    network, spec = trained_mlp
+    base = engine.run_key(network, tiny_split, APGD, seed=0, chunk_size=32)
+    # weights
+    other = spec.build()
+    other.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        next(other.parameters())[0, 0] += 1e-3
+    assert engine.run_key(other, tiny_split, APGD, 0, 32) != base
+    # data: one pixel, one label, one sample index
+    images = tiny_split.images.clone()
+    images[0, 0, 0, 0] = 1 - images[0, 0, 0, 0]
+    assert engine.run_key(network, (images, tiny_split.labels, tiny_split.sample_index), APGD, 0, 32) != base
+    index = tiny_split.sample_index.clone()
+    index[0] += 10_000
+    assert engine.run_key(network, (tiny_split.images, tiny_split.labels, index), APGD, 0, 32) != base
+    # attack config, seed, chunk size
+    assert engine.run_key(network, tiny_split, APGD.model_copy(update={"steps": 6}), 0, 32) != base
+    assert engine.run_key(network, tiny_split, APGD.model_copy(update={"eps": 0.05}), 0, 32) != base
+    assert engine.run_key(network, tiny_split, ENSEMBLE, 0, 32) != base
+    assert engine.run_key(network, tiny_split, APGD, 1, 32) != base
+    assert engine.run_key(network, tiny_split, APGD, 0, 64) != base
+    # not: batch size (not part of the attack's identity), cache_dir (not an input of the key)
+    assert engine.run_key(network, tiny_split, APGD.model_copy(update={"batch_size": 32}), 0, 32) == base
+    assert engine.attack_key("m", "s", APGD.identity(), 0, 32) == engine.attack_key("m", "s", APGD.identity(), 0, 32)
+    assert engine.attack_key("m", "s", APGD.identity(), 0, 32) != engine.attack_key("m2", "s", APGD.identity(), 0, 32)
+    assert engine.attack_key("m", "s", APGD.identity(), 0, 32) != engine.attack_key("m", "s2", APGD.identity(), 0, 32)
+
+
+def test_same_key_in_any_cache_dir(trained_mlp, tiny_split, tmp_path):
+    network, _ = trained_mlp
+    chunked(network, tiny_split, APGD, tmp_path / "a", chunk_size=64)
+    chunked(network, tiny_split, APGD.model_copy(update={"batch_size": 32}), tmp_path / "b", chunk_size=64)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [p.name for p in (tmp_path / "b").iterdir()]
+
+
+def test_chunk_size_must_be_a_multiple_of_batch_size(trained_mlp, tiny_split, tmp_path):
+    network, _ = trained_mlp
+    with pytest.raises(InputError, match="multiple of attack.batch_size 16"):
+        chunked(network, tiny_split, APGD, tmp_path, chunk_size=40)
+
+
+def test_corrupt_or_foreign_shard_is_recomputed_with_a_warning(trained_mlp, tiny_split, tmp_path, count_attacks):
+    network, _ = trained_mlp
+    first = chunked(network, tiny_split, APGD, tmp_path)
+    key_dir = next(tmp_path.iterdir())
+    shard = key_dir / "chunk-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-40] + b"\0" * 40)  # a truncated footer
+    count_attacks.clear()
+    with pytest.warns(engine.CacheWarning, match="chunk-00001"):
+        again = chunked(network, tiny_split, APGD, tmp_path)
+    assert count_attacks == [32]
+    pd.testing.assert_frame_equal(first, again)
+    # a shard from another chunk in its place (valid parquet, wrong rows) is caught too, even without a manifest
+    (key_dir / "manifest.json").unlink()
+    (key_dir / "chunk-00002.parquet").write_bytes((key_dir / "chunk-00000.parquet").read_bytes())
+    count_attacks.clear()
+    with pytest.warns(engine.CacheWarning, match="chunk-00002"):
+        third = chunked(network, tiny_split, APGD, tmp_path)
+    assert count_attacks == [64]
+    pd.testing.assert_frame_equal(first, third)
+    assert (key_dir / "manifest.json").is_file()
+
+
+def test_manifest_of_another_key_is_not_trusted(trained_mlp, tiny_split, tmp_path, count_attacks):
+    network, _ = trained_mlp
+    first = chunked(network, tiny_split, APGD, tmp_path)
+    manifest_path = next(tmp_path.iterdir()) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "key": "0" * 64}))
+    count_attacks.clear()
+    with pytest.warns(engine.CacheWarning, match="another key"):
+        again = chunked(network, tiny_split, APGD, tmp_path)
+    assert count_attacks == []  # the shards themselves are intact and carry the right key
+    pd.testing.assert_frame_equal(first, again)
+    assert json.loads(manifest_path.read_text())["key"] == manifest["key"]
+
+
+def test_save_adversarial_writes_float32_points_per_chunk(trained_mlp, tiny_split, tmp_path):
+    from rcat.safe_io import read_tensors
+
+    network, _ = trained_mlp
+    _, expected_adv = whole(network, tiny_split, APGD, return_adversarial=True)
+    chunked(network, tiny_split, APGD, tmp_path, chunk_size=64, save_adversarial=True)
+    key_dir = next(tmp_path.iterdir())
+    pieces = [read_tensors(key_dir / f"chunk-{i:05d}.adversarial.safetensors")[0] for i in range(2)]
+    assert all(p["adversarial"].dtype == torch.float32 for p in pieces)
+    assert torch.equal(torch.cat([p["adversarial"] for p in pieces]), expected_adv)
+    assert torch.equal(torch.cat([p["sample_index"] for p in pieces]), tiny_split.sample_index)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    from safetensors.torch import load_file
+    from rcat import engine
+    from rcat.config import AttackConfig, DataConfig
+    from rcat.data import load_dataset, split_dataset
+    from rcat.models import ModelSpec
+
+    weights, cache_dir = sys.argv[1], sys.argv[2]
+    network = ModelSpec("mlp", (1, 8, 8), 10, {"hidden": [32]}).build()
+    network.load_state_dict(load_file(weights))
+    split = split_dataset(load_dataset("digits"), DataConfig(), seed=0)["validation"]
+    images, labels, index = split.images[:120], split.labels[:120], split.sample_index[:120]
+    compute = engine.compute_chunk
+
+    def slow(*args, **kwargs):  # slow enough to be killed midway
+        record = compute(*args, **kwargs)
+        time.sleep(0.4)
+        return record
+
+    engine.compute_chunk = slow
+    config = AttackConfig(name="apgd", loss="dlr", eps=0.1, steps=5, batch_size=16)
+    engine.run_attack(network, (images, labels, index), config, num_classes=10, seed=0, cache_dir=cache_dir, chunk_size=16,
+                      provenance={"split": "validation", "model": "mlp", "model_digest": "m" * 64, "split_digest": "s" * 64})
+""")
+
+
+def test_killed_run_resumes_at_the_first_missing_shard(trained_mlp, tiny_split, tmp_path, count_attacks):
+    network, _ = trained_mlp
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights))
+    cache = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(weights), str(cache)], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 45
+    try:
+        while time.monotonic() < deadline and len(list(cache.glob("*/chunk-*.parquet"))) < 3:
+            assert process.poll() is None, process.stderr.read().decode()
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    done = sorted(p.name for p in cache.glob("*/chunk-*.parquet"))
+    assert 3 <= len(done) < 8, done
+    assert not list(cache.glob("*/manifest.json"))
+    count_attacks.clear()
+    resumed = chunked(network, tiny_split, APGD, cache, chunk_size=16)
+    assert count_attacks == [16 * i for i in range(len(done), 8)]  # only the missing chunks ran
+    uninterrupted = chunked(network, tiny_split, APGD, tmp_path / "clean", chunk_size=16)
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
+    pd.testing.assert_frame_equal(resumed, whole(network, tiny_split, APGD))
+
+
+# ---------------------------------------------------------------- ensembles
+
+
+def test_ensemble_records_the_worst_case_and_who_broke_each_sample(trained_mlp, tiny_split, monkeypatch):
+    network, _ = trained_mlp
+    sizes: dict[str, list[int]] = {}
+    original_build = attacks_module.build_attack
+
+    def recording_build(net, config, num_classes, seed=0):
+        attack = original_build(net, config, num_classes, seed=seed)
+
+        def call(x, y):
+            sizes.setdefault(config.label(), []).append(len(y))
+            return attack(x, y)
+
+        return call
+
+    monkeypatch.setattr(attacks_module, "build_attack", recording_build)
+    frame, x_adv = whole(network, tiny_split, ENSEMBLE, return_adversarial=True)
+    monkeypatch.setattr(attacks_module, "build_attack", original_build)
+    first_alone = whole(network, tiny_split, WEAK)
+    assert tuple(frame.columns) == (*OUTCOME_COLUMNS, "broken_by")
+    weak, strong = WEAK.label(), PGD.label()
+    by = frame["broken_by"]
+    # the first attack runs on every clean-correct sample, exactly as when it runs alone
+    assert sum(sizes[weak]) == int(frame["clean_correct"].sum())
+    assert ((by == weak) == (frame["clean_correct"] & ~first_alone["robust"])).all()
+    # the second attack runs only on the samples still robust after the first
+    assert sum(sizes[strong]) == int((frame["clean_correct"] & first_alone["robust"]).sum())
+    second = by == strong
+    assert second.any(), "PGD at eps 0.1 should break samples FGSM at eps 0.02 misses"
+    assert not frame.loc[second, "robust"].any() and first_alone.loc[second, "robust"].all()
+    assert ((by != "") == (frame["clean_correct"] & ~frame["robust"])).all()  # broken_by is set exactly on the broken samples
+    # samples robust to all attacks stay robust; clean mistakes are never attacked and never "broken"
+    survivors = frame["clean_correct"] & (by == "")
+    assert survivors.any() and frame.loc[survivors, "robust"].all()
+    assert (by[~frame["clean_correct"]] == "").all()
+    wrong = torch.from_numpy(~frame["clean_correct"].to_numpy())
+    assert torch.equal(x_adv[wrong], tiny_split.images[wrong])
+    assert float((x_adv - tiny_split.images).abs().max()) <= EPS + 1e-6
+    assert json.loads(frame["attack_config"].iloc[0]) == {"ensemble": [WEAK.identity(), PGD.identity()]}
+
+
+def test_autoattack_standard_preset_has_the_original_settings_and_the_seed(trained_mlp):
+    network, _ = trained_mlp
+    preset = AttackConfig(preset="autoattack-standard", eps=8 / 255, batch_size=64)
+    members = preset.members()
+    assert [(m.name, m.loss if m.name == "apgd" else None, m.steps, m.restarts) for m in members] == [
+        ("apgd", "ce", 100, 1), ("apgdt", None, 100, 1), ("fab_t", None, 100, 1), ("square", None, 5000, 1)]
+    assert all(m.eps == 8 / 255 and m.batch_size == 64 for m in members)
+    built = [build_attack(network, m, 10, seed=42) for m in members]
+    assert [type(a).__name__ for a in built] == ["APGD", "APGDT", "FAB", "Square"]
+    assert built[0].loss == "ce" and built[0].steps == 100
+    assert built[1].steps == 100
+    assert built[2].multi_targeted is True and built[2].steps == 100
+    assert built[3].n_queries == 5000
+    assert all(a.seed == 42 for a in built)
+    assert preset.label() == "autoattack-standard:Linf:eps=0.0313725"
+    with pytest.raises(InputError, match="ensemble"):
+        build_attack(network, preset, 10)
+
+
+def test_ensemble_params_validate_and_single_attack_params_stay_valid():
+    from rcat.config import load_params
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert not params.attack.is_ensemble and params.attack.identity()["name"] == "apgd"
+    raw = {"finetune": {"methods": {"at": {"loss": "at"}}}}
+    ensemble = parse_params({**raw, "attack": {"batch_size": 8, "ensemble": [{"name": "apgd", "loss": "ce"}, {"name": "square", "loss": "ce"}]}})
+    assert [m.name for m in ensemble.attack.members()] == ["apgd", "square"]
+    with pytest.raises(ConfigError, match="not both"):
+        parse_params({**raw, "attack": {"preset": "autoattack-standard", "ensemble": [{"name": "apgd"}]}})
+    with pytest.raises(ConfigError, match="nested"):
+        parse_params({**raw, "attack": {"ensemble": [{"preset": "autoattack-standard"}]}})
+
+
+def test_engine_params_validate():
+    raw = {"finetune": {"methods": {"at": {"loss": "at"}}}, "attack": {"batch_size": 100}}
+    params = parse_params(raw)
+    assert params.engine == EngineConfig()
+    assert params.engine.effective_chunk_size(100) == 1000  # the default, rounded down to whole batches
+    with pytest.raises(ConfigError, match="multiple of attack.batch_size"):
+        parse_params({**raw, "engine": {"chunk_size": 250}})
+    with pytest.raises(ConfigError, match="outside data/"):
+        parse_params({**raw, "engine": {"cache_dir": "data/cache"}})
+    with pytest.raises(ConfigError, match="unknown key 'engine.threads'"):
+        parse_params({**raw, "engine": {"threads": 2}})
+
+
+def test_pipeline_attacks_go_through_the_engine_cache(trained_mlp, tiny_split, tmp_path, count_attacks):
+    from rcat.models import LoadedModel
+    from rcat.pipeline import attack_model_on_splits
+
+    network, spec = trained_mlp
+    model = LoadedModel(network, spec, "d" * 64, "mem")
+    config = EngineConfig(cache_dir=str(tmp_path / "cache"), chunk_size=64)
+    first = attack_model_on_splits(model, "old", {"validation": tiny_split}, APGD, 0, torch.device("cpu"), config)
+    assert len(count_attacks) == 2 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
+    second = attack_model_on_splits(model, "new", {"validation": tiny_split}, APGD, 0, torch.device("cpu"), config)
+    assert len(count_attacks) == 2
+    pd.testing.assert_frame_equal(first.drop(columns="model"), second.drop(columns="model"))
+    assert set(second["model"]) == {"new"} and set(second["model_digest"]) == {"d" * 64}
+
+
+# ---------------------------------------------------------------- Dask scale-out
+
+
+def test_dask_workers_give_the_single_process_result(trained_mlp, tiny_split, tmp_path, prefect_harness):
+    network, _ = trained_mlp
+    single = chunked(network, tiny_split, APGD, tmp_path / "single", chunk_size=32)
+    watched = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "PREFECT_API_URL")
+    environment = {key: os.environ.get(key) for key in watched}
+    distributed = chunked(network, tiny_split, APGD, tmp_path / "dask", chunk_size=32, workers=2)
+    pd.testing.assert_frame_equal(distributed, single)
+    # the local cluster's worker variables do not leak into this process (and so into its later subprocesses)
+    assert {key: os.environ.get(key) for key in watched} == environment
+    key_dir = next((tmp_path / "dask").iterdir())
+    assert (key_dir / "manifest.json").is_file() and len(list(key_dir.glob("chunk-*.parquet"))) == 4
