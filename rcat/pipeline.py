@@ -18,7 +18,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rcat.attacks import attack_outcomes
 from rcat.config import AttackConfig, EngineConfig, Params
 from rcat.data import SPLIT_NAMES, Split, load_dataset, load_split, save_split, split_dataset, subsample
 from rcat.decision import decide as decide_update

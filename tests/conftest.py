@@ -56,6 +56,24 @@ def trained_mlp(digits_splits):
     return network.eval(), spec
 
 
+@pytest.fixture
+def model_files(tmp_path, trained_mlp):
+    """Two rcat model files: the trained MLP as 'old', a copy with perturbed weights as 'new' (worse, with flips)."""
+    from rcat.models import save_model
+
+    network, spec = trained_mlp
+    old_path, new_path = tmp_path / "models" / "old.safetensors", tmp_path / "models" / "new.safetensors"
+    save_model(network, spec, old_path)
+    perturbed = spec.build()
+    perturbed.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in perturbed.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    save_model(perturbed, spec, new_path)
+    return old_path, new_path
+
+
 def reduced_params(tmp_root: Path, **overrides) -> dict:
     """The repo's params.yaml shrunk for tests: few epochs, a short attack, tracking into tmp_root."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

@@ -11,27 +11,10 @@ import yaml
 from typer.testing import CliRunner
 
 from rcat.cli import EXIT_BAD_INPUT, app
-from rcat.models import save_model
 
 CONTRACT_KEYS = {"accuracy_old", "accuracy_new", "robust_accuracy_old", "robust_accuracy_new", "nfr", "pfr", "rnfr", "rpfr", "bnfr", "snfr", "btc", "bec", "n_samples"}
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def model_files(tmp_path, trained_mlp):
-    """The trained MLP as 'old', and a copy with slightly perturbed weights as 'new'."""
-    network, spec = trained_mlp
-    old_path, new_path = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
-    save_model(network, spec, old_path)
-    perturbed = spec.build()
-    perturbed.load_state_dict(network.state_dict())
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for parameter in perturbed.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    save_model(perturbed, spec, new_path)
-    return old_path, new_path
 
 
 @pytest.fixture

@@ -82,22 +82,6 @@ def free_port():
 
 
 @pytest.fixture
-def model_pair(tmp_path, trained_mlp):
-    """The trained MLP as 'old', a perturbed copy as 'new' (as in test_cli)."""
-    network, spec = trained_mlp
-    old_path, new_path = tmp_path / "models" / "old.safetensors", tmp_path / "models" / "new.safetensors"
-    save_model(network, spec, old_path)
-    perturbed = spec.build()
-    perturbed.load_state_dict(network.state_dict())
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for parameter in perturbed.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    save_model(perturbed, spec, new_path)
-    return old_path, new_path
-
-
-@pytest.fixture
 def params_file(tmp_path):
     return write_params(tmp_path / "params.yaml", repo_params())
 
@@ -256,8 +240,8 @@ def test_disk_full_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypatch,
     assert [p.name for p in path.parent.iterdir()] == [name]
 
 
-def test_disk_full_through_the_cli_is_one_line_and_keeps_previous_results(tmp_path, monkeypatch, model_pair, params_file):
-    old, new = model_pair
+def test_disk_full_through_the_cli_is_one_line_and_keeps_previous_results(tmp_path, monkeypatch, model_files, params_file):
+    old, new = model_files
     out = tmp_path / "eval"
     assert runner.invoke(app, evaluate_args(old, new, "digits", out, params_file)).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -269,8 +253,8 @@ def test_disk_full_through_the_cli_is_one_line_and_keeps_previous_results(tmp_pa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_unwritable_output_directory_is_one_line(tmp_path, model_pair, params_file):
-    old, new = model_pair
+def test_unwritable_output_directory_is_one_line(tmp_path, model_files, params_file):
+    old, new = model_files
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the output directory should be")
     result = runner.invoke(app, evaluate_args(old, new, "digits", blocker / "eval", params_file))
@@ -369,8 +353,8 @@ def test_killed_stage_leaves_no_partial_output_and_reruns(pipeline_workspace, tm
 # ---------------------------------------------------------------- determinism (CPU)
 
 
-def test_evaluate_is_bit_identical_across_fresh_runs(tmp_path, model_pair, params_file):
-    old, new = model_pair
+def test_evaluate_is_bit_identical_across_fresh_runs(tmp_path, model_files, params_file):
+    old, new = model_files
     outs = []
     for run in ("first", "second"):
         out = tmp_path / run / "eval"
@@ -412,8 +396,8 @@ def test_prepare_and_train_are_bit_identical_across_fresh_runs(tmp_path):
     ],
     ids=["eps-2", "steps-0", "test-fraction-0"],
 )
-def test_out_of_range_params_through_the_cli(tmp_path, model_pair, change, expected):
-    old, new = model_pair
+def test_out_of_range_params_through_the_cli(tmp_path, model_files, change, expected):
+    old, new = model_files
     params = write_params(tmp_path / "params.yaml", repo_params(**change))
     result = runner.invoke(app, evaluate_args(old, new, "digits", tmp_path / "out", params))
     assert result.exit_code == EXIT_BAD_INPUT
@@ -453,8 +437,8 @@ def test_dataset_with_no_samples(tmp_path, monkeypatch, capsys):
     assert "empty.npz" in line and "no samples" in line
 
 
-def test_missing_model_file_through_the_cli(tmp_path, model_pair, params_file):
-    _, new = model_pair
+def test_missing_model_file_through_the_cli(tmp_path, model_files, params_file):
+    _, new = model_files
     result = runner.invoke(app, evaluate_args(tmp_path / "missing", new, "digits", tmp_path / "out", params_file))
     assert result.exit_code == EXIT_BAD_INPUT
     line = one_line(result.stderr)
@@ -462,8 +446,8 @@ def test_missing_model_file_through_the_cli(tmp_path, model_pair, params_file):
     assert not (tmp_path / "out").exists()
 
 
-def test_model_with_wrong_number_of_outputs_through_the_cli(tmp_path, model_pair, params_file):
-    old, _ = model_pair
+def test_model_with_wrong_number_of_outputs_through_the_cli(tmp_path, model_files, params_file):
+    old, _ = model_files
     torch.manual_seed(0)
     spec = ModelSpec("mlp", (1, 8, 8), 3, {"hidden": [8]})  # 3 classes; digits has 10
     three = tmp_path / "three_classes.safetensors"
@@ -475,8 +459,8 @@ def test_model_with_wrong_number_of_outputs_through_the_cli(tmp_path, model_pair
     assert not (tmp_path / "out").exists()
 
 
-def test_nan_pixels_in_npz_data_through_the_cli(tmp_path, model_pair, params_file):
-    old, new = model_pair
+def test_nan_pixels_in_npz_data_through_the_cli(tmp_path, model_files, params_file):
+    old, new = model_files
     images = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
     images[3, 0, 2, 2] = np.nan
     np.savez(tmp_path / "nan.npz", images=images, labels=np.arange(20) % 10)
@@ -509,10 +493,10 @@ def test_truncated_image_through_the_cli(tmp_path, params_file):
     assert not out.exists()
 
 
-def test_corrupt_split_file_through_the_cli(tmp_path, model_pair, params_file, tiny_split):
+def test_corrupt_split_file_through_the_cli(tmp_path, model_files, params_file, tiny_split):
     from rcat.data import save_split
 
-    old, new = model_pair
+    old, new = model_files
     path = tmp_path / "test.safetensors"
     save_split(tiny_split, path)
     path.write_bytes(path.read_bytes()[:-100])  # truncated: the header promises more bytes
