@@ -48,7 +48,7 @@ from torch import nn
 from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
 from rcat.config import AttackConfig
 from rcat.errors import InputError
-from rcat.safe_io import parquet_metadata, read_json, read_parquet, sha256_file, sha256_json, write_json, write_parquet, write_tensors
+from rcat.safe_io import parquet_metadata, read_json, read_parquet, sha256_file, sha256_json, sha256_tensors, write_json, write_parquet, write_tensors
 
 ENGINE_FORMAT_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
@@ -82,43 +82,26 @@ def attack_key(model_digest: str, split_digest: str, attack_identity: dict[str, 
     return sha256_json(payload)
 
 
-def tensors_digest(*tensors: torch.Tensor) -> str:
-    """The same hex digest as :func:`rcat.safe_io.sha256_tensors` (dtype, shape, raw bytes of each
-    tensor), hashed from the tensors' memory without a copy: a cached rerun's cost is mostly this."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        array = tensor.detach().cpu().contiguous()
-        digest.update(str(array.dtype).encode())
-        digest.update(str(tuple(array.shape)).encode())
-        flat = array.reshape(-1)
-        try:
-            buffer = flat.numpy()
-        except TypeError:  # dtypes numpy lacks (bfloat16, ...): hash the raw bytes
-            buffer = flat.view(torch.uint8).numpy()
-        digest.update(memoryview(buffer).cast("B"))
-    return digest.hexdigest()
-
-
 def model_content_digest(network: nn.Module) -> str:
     """SHA-256 of a network's class and state dict (parameter and buffer names, dtypes, shapes, values)."""
     digest = hashlib.sha256()
     digest.update(f"{type(network).__module__}.{type(network).__qualname__}".encode())
     for name, tensor in network.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensors_digest(tensor).encode())
+        digest.update(sha256_tensors(tensor).encode())
     return digest.hexdigest()
 
 
 def split_content_digest(split: Any) -> str:
     """SHA-256 of a split's images, labels and sample indices (the same as :attr:`rcat.data.Split.digest`)."""
     images, labels, sample_index = _split_tensors(split)
-    return tensors_digest(images, labels, sample_index)
+    return sha256_tensors(images, labels, sample_index)
 
 
 def run_key(network: nn.Module, split: Any, config: AttackConfig, seed: int, chunk_size: int) -> str:
     """The key :func:`run_attack` files this run under (``<cache_dir>/<key>/``)."""
     images, labels, sample_index = _split_tensors(split)
-    return attack_key(model_content_digest(network), tensors_digest(images, labels, sample_index), config.identity(), seed, chunk_size)
+    return attack_key(model_content_digest(network), sha256_tensors(images, labels, sample_index), config.identity(), seed, chunk_size)
 
 
 def _split_tensors(split: Any) -> SplitTensors:

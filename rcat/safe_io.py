@@ -204,13 +204,21 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 
 
 def sha256_tensors(*tensors: torch.Tensor) -> str:
-    """Hex SHA-256 over the dtype, shape and raw bytes of each tensor, in order (a content hash)."""
+    """Hex SHA-256 over the dtype, shape and raw bytes of each tensor, in order (a content hash).
+
+    Hashes the tensors' memory without copying it (a cached attack rerun's cost is mostly this).
+    """
     digest = hashlib.sha256()
     for tensor in tensors:
         array = tensor.detach().cpu().contiguous()
         digest.update(str(array.dtype).encode())
         digest.update(str(tuple(array.shape)).encode())
-        digest.update(array.numpy().tobytes())
+        flat = array.reshape(-1)
+        try:
+            buffer = flat.numpy()
+        except TypeError:  # dtypes numpy lacks (bfloat16, ...): hash the raw bytes
+            buffer = flat.view(torch.uint8).numpy()
+        digest.update(memoryview(buffer).cast("B"))
     return digest.hexdigest()
 
 
