@@ -28,6 +28,7 @@ EXIT_TRACKING = 4
 DATA_HELP = "digits | imagefolder:PATH | npz:PATH | cifar10-binary:DIR | cifar10-python:DIR | a split .safetensors"
 MeanOption = Annotated[str | None, typer.Option(help="per-channel mean, e.g. 0.49,0.48,0.45: a factory/TorchScript model then gets inputs normalised inside it")]
 StdOption = Annotated[str | None, typer.Option(help="per-channel std (with --mean)")]
+OptionalParamsOption = Annotated[Path | None, typer.Option("--params", help="params file; default ./params.yaml if present, else built-in defaults")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file (validated; unknown keys are rejected)")]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,12 +132,12 @@ def attack(
     split: Annotated[str, typer.Option(help="all | finetune | validation | test (split by params' data section)")] = "all",
     mean: MeanOption = None,
     std: StdOption = None,
-    params: ParamsOption = Path("params.yaml"),
+    params: OptionalParamsOption = None,
 ) -> None:
     """Attack one model with the params' evaluation attack and write one row per sample; without
     --model, run the baseline attack cache stage (old and new model on every split)."""
     if model is None:
-        run_stage("attack_cache", None, str(params))
+        run_stage("attack_cache", None, str(params or "params.yaml"))
         return
     if data is None or out is None:
         raise RcatError("attack --model needs --data and --out")
@@ -145,7 +146,7 @@ def attack(
     from rcat.runtime import resolve_device
     from rcat.safe_io import write_parquet
 
-    config = _params(params) if params.is_file() else _default_params()
+    config = _params_or_defaults(params)
     device = resolve_device(config.device)
     samples = load_data_argument(data, config.data, config.seed, split)
     loaded = _load_reference(model, samples, device, config, mean, std)
@@ -175,7 +176,7 @@ def evaluate(
     method: Annotated[str | None, typer.Option(help="evaluate a configured method's fine-tuned model instead")] = None,
     mean: MeanOption = None,
     std: StdOption = None,
-    params: ParamsOption = Path("params.yaml"),
+    params: OptionalParamsOption = None,
 ) -> None:
     """Flip evaluation: attack both models (each with its own attack) and compare them.
 
@@ -183,7 +184,7 @@ def evaluate(
     OUT/flips.parquet (one row per sample). With --method: the pipeline's evaluate stage.
     """
     if method is not None:
-        run_stage("evaluate", method, str(params))
+        run_stage("evaluate", method, str(params or "params.yaml"))
         return
     if old is None or new is None or data is None or out is None:
         raise RcatError("evaluate needs --old, --new, --data and --out (or --method NAME)")
@@ -191,7 +192,7 @@ def evaluate(
     from rcat.data import load_data_argument
     from rcat.runtime import resolve_device
 
-    config = _params(params) if params.is_file() else _default_params()
+    config = _params_or_defaults(params)
     device = resolve_device(config.device)
     samples = load_data_argument(data, config.data, config.seed, split)
     old_model = _load_reference(old, samples, device, config, mean, std)
@@ -256,7 +257,12 @@ def _load_reference(reference: str, samples: Any, device: Any, config: Any, mean
     return model
 
 
-def _default_params() -> Any:
+def _params_or_defaults(path: Path | None) -> Any:
+    """The params file given with --params (it must exist); without one, ./params.yaml when present,
+    else the built-in defaults (the paper's APGD-DLR evaluation attack) so that single-model commands
+    work outside a project."""
+    if path is not None or Path("params.yaml").is_file():
+        return _params(path or Path("params.yaml"))
     from rcat.config import FinetuneConfig, MethodConfig, Params
 
     return Params(finetune=FinetuneConfig(methods={"at": MethodConfig(loss="at")}))

@@ -36,11 +36,12 @@ def factories(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLE))
 
 
-def test_readme_evaluate_on_own_imagefolder_and_models(example, factories, tmp_path):
+def test_readme_evaluate_on_own_imagefolder_and_models(example, factories, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the built-in defaults apply
     out = tmp_path / "eval"
     result = runner.invoke(app, [
         "evaluate", "--old", f"factory:my_models:digit_mlp@{example / 'old.pt'}", "--new", f"factory:my_models:digit_cnn@{example / 'new.pt'}",
-        "--data", f"imagefolder:{example / 'images'}", "--split", "test", "--out", str(out), "--params", str(tmp_path / "absent.yaml"),
+        "--data", f"imagefolder:{example / 'images'}", "--split", "test", "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -49,10 +50,11 @@ def test_readme_evaluate_on_own_imagefolder_and_models(example, factories, tmp_p
     assert 0.5 < metrics["robust_accuracy_old"] < metrics["robust_accuracy_new"] < 1.0
 
 
-def test_wrong_factory_for_weights_is_one_line_error(example, factories, tmp_path):
+def test_wrong_factory_for_weights_is_one_line_error(example, factories, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, [
         "evaluate", "--old", f"factory:my_models:digit_cnn@{example / 'old.pt'}", "--new", f"factory:my_models:digit_cnn@{example / 'new.pt'}",
-        "--data", f"imagefolder:{example / 'images'}", "--out", str(tmp_path / "o"), "--params", str(tmp_path / "absent.yaml"),
+        "--data", f"imagefolder:{example / 'images'}", "--out", str(tmp_path / "o"),
     ])
     assert result.exit_code == EXIT_BAD_INPUT
     assert "old.pt" in result.stderr and "do not fit" in result.stderr and len(result.stderr.strip().splitlines()) == 1

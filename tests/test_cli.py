@@ -129,3 +129,11 @@ def test_decide_replay_matches_and_detects_edits(tmp_path):
     path.write_text(json.dumps(record))
     result = runner.invoke(app, ["decide", "--replay", str(path)])
     assert result.exit_code == EXIT_BAD_INPUT and "no 'replay' section" in result.stderr
+
+
+def test_explicit_missing_params_file_is_an_error_not_defaults(tmp_path, model_files):
+    old, new = model_files
+    result = runner.invoke(app, ["evaluate", "--old", str(old), "--new", str(new), "--data", "digits", "--out", str(tmp_path / "o"), "--params", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "nope.yaml" in result.stderr and "not found" in result.stderr
+    assert not (tmp_path / "o").exists()
