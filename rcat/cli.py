@@ -81,6 +81,12 @@ def run_stage(stage: str, argument: str | None = None, params_path: str = "param
             record = pipeline.decide(params, layout, tracker)
             print(f"decision: {record['verdict']} {record['candidate'] or ''} ({'; '.join(record['reasons'])})")
             return record
+        if stage == "report":
+            from rcat.report import build_report
+
+            summary = build_report(params, layout, tracker)
+            print(f"report: {summary['path']} ({summary['verdict']} {summary['candidate'] or ''}; {summary['gallery']} gallery samples of {summary['gallery_candidate']})")
+            return summary
         raise RcatError(f"unknown stage {stage!r}")
 
     return go()
@@ -100,7 +106,7 @@ def _params(path: Path) -> Any:
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="prepare | train | attack_cache | finetune | evaluate | decide")],
+    name: Annotated[str, typer.Argument(help="prepare | train | attack_cache | finetune | evaluate | decide | report")],
     argument: Annotated[str | None, typer.Argument(help="train: old|new; finetune/evaluate: method name")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
