@@ -288,11 +288,26 @@ class DecisionConfig(Section):
 
 
 class TrackingConfig(Section):
-    """MLflow tracking. ``MLFLOW_TRACKING_URI`` in the environment overrides ``uri``."""
+    """MLflow tracking. ``MLFLOW_TRACKING_URI`` in the environment overrides ``uri``.
+
+    ``registered_model``: the MLflow registered model that the decide stage registers every
+    candidate in and whose ``champion`` alias it moves on a passing check (:mod:`rcat.registry`);
+    ``null`` leaves the registry alone.
+    """
 
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "rcat"
+    registered_model: str | None = "rcat"
+
+    @field_validator("registered_model")
+    @classmethod
+    def _usable_in_model_uri(cls, value: str | None) -> str | None:
+        # the name goes into models:/<name>@<alias> and models:/<name>/<version> references
+        if value is not None and (not value.strip() or any(char in value for char in "/@:'\"\\") or value != value.strip()):
+            raise ValueError(f"registered model name {value!r} must be non-empty, without surrounding spaces, '/', '@', ':' or quotes; "
+                             "e.g. 'rcat-digits'")
+        return value
 
 
 class Params(Section):

@@ -335,7 +335,14 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
             run.params(_method_params(params, method_name))
             run.metrics(metrics)
             run.artifact(out / "flips.parquet", "flips")
+            run.table(flip_set(flips.assign(candidate=method_name)), f"flips/{method_name}.json")
     return metrics
+
+
+def flip_set(flips: pd.DataFrame) -> pd.DataFrame:
+    """The samples that flipped (any of the four flip columns) from a flip frame: the table logged to MLflow."""
+    flipped = flips["negative_flip"] | flips["positive_flip"] | flips["robust_negative_flip"] | flips["robust_positive_flip"]
+    return flips[flipped].reset_index(drop=True)
 
 
 def evaluate_pair(old: LoadedModel, new: LoadedModel, split: Split, attack: AttackConfig, seed: int, device: torch.device, out_dir: Path,
@@ -406,8 +413,42 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
         parent.metrics({"decision/promote": 1.0 if record["verdict"] == "promote" else 0.0})
         parent.artifact(layout.decision)
         parent.artifact(layout.tradeoff)
+        if tracker.enabled:
+            parent.figure(_tradeoff_figure(evaluations), "plots/tradeoff.png")
+            new_flips = layout.evaluation("new") / "flips.parquet"
+            if new_flips.is_file():  # the fine-tuned candidates' tables are logged by their evaluate stage
+                with tracker.child("candidate:new", "candidate") as run:
+                    run.table(flip_set(read_parquet(new_flips)), "flips/new.json")
+            from rcat.registry import register_update_check
+
+            # after decision.json is written and logged: the registry only ever reflects a recorded decision
+            register_update_check(tracker, params, layout, record)
         tracker.finish_parent()
     return record
+
+
+def _tradeoff_figure(evaluations: dict[str, dict[str, dict[str, Any] | None]]) -> Any:
+    """Robust accuracy against RNFR per candidate, one panel per evaluated split (the old model at RNFR 0)."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state in a long-lived process
+
+    figure = Figure(figsize=(5 * len(EVALUATED_SPLITS), 4), layout="constrained")
+    for axis, split in zip(figure.subplots(1, len(EVALUATED_SPLITS), squeeze=False)[0], EVALUATED_SPLITS):
+        reference = None
+        for candidate, by_split in evaluations.items():
+            metrics = by_split.get(split)
+            if metrics is None:
+                continue
+            reference = metrics["robust_accuracy_old"]
+            if metrics["rnfr"] is None or metrics["robust_accuracy_new"] is None:  # undefined (null in JSON): nothing to place
+                continue
+            axis.scatter(metrics["rnfr"], metrics["robust_accuracy_new"], label=candidate)
+            axis.annotate(candidate, (metrics["rnfr"], metrics["robust_accuracy_new"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        if reference is not None:
+            axis.scatter([0.0], [reference], marker="x", color="black", label="old")
+            axis.annotate("old", (0.0, reference), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        axis.set(title=split, xlabel="RNFR (robustness negative flip rate)", ylabel="robust accuracy")
+        axis.grid(alpha=0.3)
+    return figure
 
 
 def _write_tradeoff(evaluations: dict[str, dict[str, dict[str, Any] | None]], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""MLflow logging: one parent run per pipeline execution, one child run per stage or candidate.
+"""MLflow logging: one parent run per update check, one child run per stage or candidate.
 
 Stages run as separate processes (``dvc repro``), so they find their parent run by a key instead
 of sharing a Python object: the key is a digest of the validated params and the code revision.
@@ -7,7 +7,12 @@ a new parent. Children are found the same way (tags ``rcat.pipeline_key`` + ``rc
 
 Metric names are one scheme for every candidate, so the MLflow UI compares them side by side:
 ``<split>/<metric>`` (e.g. ``test/rnfr``, ``validation/robust_accuracy_new``), training curves as
-``train/<term>`` with the epoch as step. The decision is stored as tags on the parent run.
+``train/<term>`` with the epoch as step; an undefined rate is logged as NaN so that every
+candidate run has the same keys, and :func:`candidate_filter` selects one row per candidate in
+``mlflow.search_runs``. Each candidate run also holds its flip set as an MLflow table
+(``flips/<candidate>.json``). The decision is stored as tags on the parent run, with
+``decision.json``, the trade-off plot (``plots/tradeoff.png``) and the registry step's
+``registry.json`` (:mod:`rcat.registry`) as artifacts.
 
 Only the driving process logs (never parallel workers): SQLite stores lock under concurrent writers.
 
@@ -112,13 +117,19 @@ def pipeline_key(params: Params, revision: str) -> str:
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Flatten nested dicts to ``a/b`` keys, keeping finite numbers only (MLflow rejects NaN in some stores)."""
+    """Flatten nested dicts to ``a/b`` keys, keeping numbers; an undefined rate (NaN, or ``None`` as read from JSON) is NaN.
+
+    Undefined rates are logged as NaN, not dropped, so that every candidate run carries the same
+    metric keys (MLflow's SQL stores and its REST API keep NaN). Infinities are dropped.
+    """
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_metrics(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        elif value is None:
+            flat[name] = math.nan
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isinf(value):
             flat[name] = float(value)
     return flat
 
@@ -156,6 +167,30 @@ class RunLogger:
     def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def table(self, frame: Any, artifact_file: str) -> None:
+        """Log a DataFrame as an MLflow table (``artifact_file`` ends in ``.json``), replacing an earlier one.
+
+        Same file format and ``mlflow.loggedArtifacts`` tag as ``MlflowClient.log_table``, which
+        *appends* to an existing file: a rerun of a stage would double the table.
+        """
+        import json
+        import posixpath
+        import tempfile
+
+        directory, filename = posixpath.split(posixpath.normpath(artifact_file))
+        with tempfile.TemporaryDirectory(prefix="rcat-table-") as tmp:
+            local = Path(tmp) / filename
+            frame.to_json(local, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(self.run_id, str(local), directory or None)
+        logged = json.loads(self.client.get_run(self.run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in logged:
+            self.tags({"mlflow.loggedArtifacts": json.dumps([*logged, entry])})
+
+    def figure(self, figure: Any, artifact_file: str) -> None:
+        """Log a matplotlib figure as an image artifact (``artifact_file`` ends in ``.png``)."""
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
 
 class NullLogger(RunLogger):
     """Used when tracking is disabled: accepts every call and does nothing."""
@@ -167,6 +202,8 @@ class NullLogger(RunLogger):
     def metrics(self, values: Mapping[str, Any], step: int = 0) -> None: ...
     def tags(self, values: Mapping[str, Any]) -> None: ...
     def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None: ...
+    def table(self, frame: Any, artifact_file: str) -> None: ...
+    def figure(self, figure: Any, artifact_file: str) -> None: ...
 
 
 class _GuardedClient:
@@ -230,6 +267,11 @@ class Tracker:
     @property
     def enabled(self) -> bool:
         return self.config.enabled
+
+    def client(self) -> Any:
+        """The connected ``MlflowClient`` (every call retried boundedly); for the registry step."""
+        self._connect()
+        return self._client
 
     def _connect(self) -> None:
         if self._client is not None:
@@ -301,6 +343,14 @@ class Tracker:
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self._client.set_terminated(self.parent().run_id, status=status)
+
+
+def candidate_filter(parent_run_id: str) -> str:
+    """``search_runs`` filter for one update check's candidate runs: one row per candidate, same metric keys.
+
+    e.g. ``mlflow.search_runs(experiment_names=["rcat-digits"], filter_string=candidate_filter(parent_id))``
+    """
+    return f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`rcat.kind` = 'candidate'"
 
 
 def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
