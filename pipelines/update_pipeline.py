@@ -4,7 +4,11 @@ Each task runs ``dvc repro --single-item <target>`` for one stage of ``dvc.yaml`
 ``foreach`` group, whose items DVC expands itself), in the pipeline's order. DVC decides what is
 stale, so running the flow after ``dvc repro`` recomputes nothing, and ``dvc repro`` after the
 flow finds everything up to date. The flow never computes anything itself; Prefect adds run
-history, logs and a markdown artifact with the update decision (key ``rcat-decision``).
+history, logs and artifacts: the update decision as markdown (key ``rcat-decision``), the
+candidates' key figures (``rcat-candidates``) and what each stage did (``rcat-stages``) as tables.
+
+A stage that fails because the MLflow tracking store did not answer (the stage's exit code 4)
+is retried after a delay; any other failure (bad input, exit code 2) is deterministic and is not.
 
 Run it from the project root: ``python pipelines/update_pipeline.py [--force]``.
 """
@@ -22,13 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE as NO_CACHE
+
+from rcat.cli import EXIT_TRACKING
 
 STAGE_TARGETS: tuple[str, ...] = ("prepare", "train_old", "train_new", "attack_cache", "finetune", "evaluate", "decide")
 """The DVC targets in pipeline order; ``finetune`` and ``evaluate`` are ``foreach`` groups."""
+OPTIONAL_TARGETS: tuple[str, ...] = ("report",)
+"""Targets run after :data:`STAGE_TARGETS`, in this order, only when ``dvc.yaml`` has them."""
 
 ARTIFACT_KEY = "rcat-decision"
+CANDIDATES_ARTIFACT_KEY = "rcat-candidates"
+STAGES_ARTIFACT_KEY = "rcat-stages"
+TRANSIENT_EXIT_CODES = frozenset({EXIT_TRACKING})
+"""Stage exit codes worth retrying: the MLflow tracking store did not answer (rcat.cli)."""
+TRACKING_RETRY_DELAYS_SECONDS: list[float] = [60.0, 300.0]
+"""Waits before the retries of a stage that failed with a transient exit code (one retry per entry).
+The stage's own MLflow client already retries for seconds; these cover a server restart."""
 LOCK_ERROR = "Unable to acquire lock"
 LOCK_RETRY_DELAY_SECONDS = 5.0
 """One retry, only for DVC's repo-lock error (DVC itself already waits ~3 s before giving up)."""
@@ -37,16 +52,32 @@ STDERR_TAIL_LINES = 15
 _RAN = re.compile(r"^Running stage '([^']+)'")
 _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
 _CACHED = re.compile(r"^Stage '([^']+)' is cached - skipping run")
+_STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
 
 class StageFailed(RuntimeError):
-    """``dvc repro`` exited non-zero; the message ends with the last lines of DVC's stderr."""
+    """``dvc repro`` exited non-zero; the message ends with the last lines of DVC's stderr.
+
+    ``stage_exit_code`` is the exit code of the stage's own command, read from DVC's
+    ``failed to run: <cmd>, exited with N`` (None when DVC itself failed, e.g. a bad ``dvc.yaml``).
+    """
 
     def __init__(self, target: str, returncode: int, stderr: str) -> None:
         self.target = target
         self.returncode = returncode
+        self.stderr = stderr
         self.stderr_tail = tail(stderr)
+        found = _STAGE_EXIT.findall(stderr)
+        self.stage_exit_code: int | None = int(found[-1]) if found else None
         super().__init__(f"dvc repro --single-item {target} failed with exit code {returncode}:\n{self.stderr_tail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with its own arguments (Prefect may serialise failures)
+        return (type(self), (self.target, self.returncode, self.stderr))
+
+    @property
+    def transient(self) -> bool:
+        """True when the stage failed for a reason a later attempt may not meet (tracking store down)."""
+        return self.stage_exit_code in TRANSIENT_EXIT_CODES
 
 
 # ---------------------------------------------------------------- DVC plumbing (plain functions)
@@ -105,23 +136,47 @@ def list_stages(project_dir: str) -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
-def check_targets_cover(stages: list[str], targets: tuple[str, ...] = STAGE_TARGETS) -> None:
+def check_targets_cover(stages: list[str], targets: tuple[str, ...] = STAGE_TARGETS + OPTIONAL_TARGETS) -> None:
     """Fail before running anything if ``dvc.yaml`` has a stage that no target of the flow reproduces."""
     missing = [name for name in stages if name.split("@", 1)[0] not in targets]
     if missing:
         raise RuntimeError(f"dvc.yaml has stages the flow does not run: {', '.join(missing)}; add them to STAGE_TARGETS")
 
 
+def pipeline_targets(stages: list[str]) -> list[str]:
+    """The targets to reproduce, in order: every :data:`STAGE_TARGETS` entry, then the optional ones ``dvc.yaml`` has."""
+    check_targets_cover(stages)
+    present = {name.split("@", 1)[0] for name in stages}
+    return [*STAGE_TARGETS, *(target for target in OPTIONAL_TARGETS if target in present)]
+
+
+def retry_on_transient_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only a :class:`StageFailed` with a transient stage exit code."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if error is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as exc:  # noqa: BLE001 - whatever the task raised decides the retry
+            error = exc
+    retry = isinstance(error, StageFailed) and error.transient
+    if retry:
+        print(f"{error.target}: the stage failed with exit code {error.stage_exit_code} (MLflow tracking did not answer); retrying")
+    return retry
+
+
 # ---------------------------------------------------------------- tasks
 
 
-@task(name="dvc-repro", task_run_name="repro-{target}", cache_policy=NO_CACHE, retries=0)
+@task(name="dvc-repro", task_run_name="repro-{target}", cache_policy=NO_CACHE,
+      retries=len(TRACKING_RETRY_DELAYS_SECONDS), retry_delay_seconds=TRACKING_RETRY_DELAYS_SECONDS,
+      retry_condition_fn=retry_on_transient_failure)
 def reproduce(target: str, project_dir: str = ".", force: bool = False) -> dict[str, Any]:
     """``dvc repro --single-item <target>``: DVC reruns the target only if its inputs changed.
 
     Returns ``{"target", "ran", "skipped", "restored"}`` parsed from DVC's output. Raises
-    :class:`StageFailed` (a RuntimeError with DVC's stderr tail) on failure; a failing stage is
-    deterministic, so the only retry is one for DVC's repo-lock error.
+    :class:`StageFailed` (a RuntimeError with DVC's stderr tail) on failure. Prefect retries the
+    task only when the stage exited with a transient code (tracking store down, see
+    :func:`retry_on_transient_failure`); inside an attempt, DVC's repo-lock error is retried once.
     """
     args = ["repro", "--single-item", *(["--force"] if force else []), target]
     for attempt in (1, 2):
@@ -149,8 +204,18 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def render_decision_markdown(project_dir: str = ".") -> tuple[dict[str, Any], str]:
-    """The decision record and a markdown report: verdict, candidate, reasons, one row per candidate."""
+KEY_FIGURES: dict[str, str] = {"accuracy": "accuracy_new", "robust_accuracy": "robust_accuracy_new", "nfr": "nfr", "rnfr": "rnfr", "snfr": "snfr"}
+"""Per-candidate figures published as artifacts (column: key in metrics.json); fractions of the split, flips against the old model."""
+
+
+def candidate_figures(project_dir: str = ".") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The decision record and one row per candidate on its confirmation split.
+
+    Rows: ``{"candidate", "chosen", "admissible", "split", <KEY_FIGURES columns>...}``, the old model first
+    as ``old (reference)`` (its accuracies; flips are measured against it, so none). ``new`` is the
+    raw update (the baseline attack cache's metrics); the others are the fine-tuned candidates.
+    A figure that was not measured is None.
+    """
     data = Path(project_dir) / "data"
     decision = _read_json(data / "decide" / "decision.json")
     split = decision.get("confirmation_split") or "test"
@@ -160,7 +225,25 @@ def render_decision_markdown(project_dir: str = ".") -> tuple[dict[str, Any], st
         metrics["new"] = _read_json(cache_metrics)
     for path in sorted((data / "evaluate").glob("*/metrics.json")):
         metrics[path.parent.name] = _read_json(path)
-    candidates = list(dict.fromkeys([*metrics, *decision.get("candidates", {})]))
+    chosen = decision.get("candidate")
+    rows: list[dict[str, Any]] = []
+    reference = next((m[split] for m in metrics.values() if m.get(split)), None)
+    if reference is not None:
+        rows.append({"candidate": "old (reference)", "chosen": False, "admissible": None, "split": split,
+                     **dict.fromkeys(KEY_FIGURES),
+                     "accuracy": reference.get("accuracy_old"), "robust_accuracy": reference.get("robust_accuracy_old")})
+    for name in dict.fromkeys([*metrics, *decision.get("candidates", {})]):
+        values = metrics.get(name, {}).get(split) or {}
+        rows.append({"candidate": name, "chosen": name == chosen,
+                     "admissible": decision.get("candidates", {}).get(name, {}).get("admissible"), "split": split,
+                     **{column: values.get(key) for column, key in KEY_FIGURES.items()}})
+    return decision, rows
+
+
+def render_decision_markdown(project_dir: str = ".") -> tuple[dict[str, Any], str]:
+    """The decision record and a markdown report: verdict, candidate, reasons, one row per candidate."""
+    decision, rows = candidate_figures(project_dir)
+    split = decision.get("confirmation_split") or "test"
 
     verdict, chosen = decision.get("verdict", "unknown"), decision.get("candidate")
     lines = [f"# rcat update decision: {verdict.upper()}" + (f" `{chosen}`" if chosen else ""), "",
@@ -173,27 +256,53 @@ def render_decision_markdown(project_dir: str = ".") -> tuple[dict[str, Any], st
     lines += ["", f"## Candidates on the {split} split (flips measured against the old model)", "",
               f"| Candidate | Admissible | {split.capitalize()} accuracy | Robust accuracy | NFR | RNFR | S-NFR |",
               "|---|---|---:|---:|---:|---:|---:|"]
-    reference = next((m[split] for m in metrics.values() if m.get(split)), None)
-    if reference is not None:
-        lines.append(f"| old (reference) | | {_percent(reference.get('accuracy_old'))} | {_percent(reference.get('robust_accuracy_old'))} | | | |")
-    for name in candidates:
-        values = metrics.get(name, {}).get(split) or {}
-        admissible = decision.get("candidates", {}).get(name, {}).get("admissible")
-        label = f"**{name}** (chosen)" if name == chosen else name
+    for row in rows:
+        if row["candidate"] == "old (reference)":
+            lines.append(f"| old (reference) | | {_percent(row['accuracy'])} | {_percent(row['robust_accuracy'])} | | | |")
+            continue
+        name, admissible = row["candidate"], row["admissible"]
+        label = f"**{name}** (chosen)" if row["chosen"] else name
         lines.append(f"| {label} | {'yes' if admissible else 'no' if admissible is not None else 'n/a'} | "
-                     f"{_percent(values.get('accuracy_new'))} | {_percent(values.get('robust_accuracy_new'))} | "
-                     f"{_percent(values.get('nfr'))} | {_percent(values.get('rnfr'))} | {_percent(values.get('snfr'))} |")
+                     f"{_percent(row['accuracy'])} | {_percent(row['robust_accuracy'])} | "
+                     f"{_percent(row['nfr'])} | {_percent(row['rnfr'])} | {_percent(row['snfr'])} |")
     lines += ["", "NFR: clean negative flips; RNFR: robust negative flips; S-NFR: samples with either (share of the split)."]
     return decision, "\n".join(lines) + "\n"
 
 
 @task(name="publish-decision", cache_policy=NO_CACHE)
 def publish_decision(project_dir: str = ".") -> dict[str, Any]:
-    """Publish ``data/decide/decision.json`` and the candidates' metrics as a markdown artifact."""
+    """Publish ``data/decide/decision.json`` as a markdown artifact and the candidates' key figures as a table."""
     decision, markdown = render_decision_markdown(project_dir)
     create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description="rcat update gate: verdict, reasons and candidate metrics")
+    _, rows = candidate_figures(project_dir)
+    create_table_artifact(table=rows, key=CANDIDATES_ARTIFACT_KEY,
+                          description="Candidates on the confirmation split: fractions in [0, 1], flips against the old model")
     print(f"decision: {decision['verdict']} {decision.get('candidate') or ''} ({'; '.join(decision.get('reasons') or [])})")
     return {"verdict": decision["verdict"], "candidate": decision.get("candidate")}
+
+
+def stage_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per DVC stage: ``ran``, ``reused`` (up to date) or ``restored`` (DVC's run-cache)."""
+    rows = []
+    for report in reports:
+        for stage in report["ran"]:
+            rows.append({"target": report["target"], "stage": stage, "status": "ran"})
+        for stage in report["skipped"]:
+            rows.append({"target": report["target"], "stage": stage, "status": "restored" if stage in report["restored"] else "reused"})
+    return rows
+
+
+def reproduce_pipeline(project_dir: Path, force: bool = False) -> dict[str, list[str]]:
+    """Inside a flow: one :func:`reproduce` task per target, in order, then a table artifact of what each stage did.
+
+    Returns ``{"ran", "skipped"}``: the DVC stages run and skipped (up to date or restored), in order.
+    """
+    if not (project_dir / "dvc.yaml").is_file():
+        raise FileNotFoundError(f"{project_dir}: no dvc.yaml; run the flow from the project root or pass project_dir")
+    reports = [reproduce(target, str(project_dir), force) for target in pipeline_targets(list_stages(str(project_dir)))]
+    create_table_artifact(table=stage_rows(reports), key=STAGES_ARTIFACT_KEY,
+                          description="What DVC did per stage: ran, reused (up to date) or restored from its run-cache")
+    return {"ran": [s for r in reports for s in r["ran"]], "skipped": [s for r in reports for s in r["skipped"]]}
 
 
 # ---------------------------------------------------------------- flow
@@ -205,18 +314,9 @@ def update_pipeline(project_dir: str = ".", force: bool = False) -> dict:
 
     Returns ``{"verdict", "candidate", "ran", "skipped"}``: the stages DVC ran and skipped, in order.
     """
-    root = Path(project_dir).resolve()
-    if not (root / "dvc.yaml").is_file():
-        raise FileNotFoundError(f"{root}: no dvc.yaml; run the flow from the project root or pass project_dir")
-    check_targets_cover(list_stages(str(root)))
-    ran: list[str] = []
-    skipped: list[str] = []
-    for target in STAGE_TARGETS:
-        report = reproduce(target, str(root), force)
-        ran += report["ran"]
-        skipped += report["skipped"]
-    summary = publish_decision(str(root))
-    return {"verdict": summary["verdict"], "candidate": summary["candidate"], "ran": ran, "skipped": skipped}
+    stages = reproduce_pipeline(Path(project_dir).resolve(), force)
+    summary = publish_decision(str(Path(project_dir).resolve()))
+    return {"verdict": summary["verdict"], "candidate": summary["candidate"], **stages}
 
 
 if __name__ == "__main__":

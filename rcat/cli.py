@@ -237,6 +237,28 @@ def decide(
         require_promotion(record)
 
 
+@app.command()
+@user_errors
+def serve(
+    cron: Annotated[str | None, typer.Option(help="cron schedule replacing prefect.yaml's, e.g. '0 3 * * *'")] = None,
+    project_dir: Annotated[Path, typer.Option(help="the project root: prefect.yaml, dvc.yaml, params.yaml")] = Path("."),
+) -> None:
+    """Schedule update checks: register prefect.yaml's `update-check` deployment with its cron schedule on
+    the Prefect server at PREFECT_API_URL (`prefect server start`) and run its flow runs here until Ctrl-C."""
+    from prefect.utilities.importtools import load_script_as_module
+
+    script = project_dir / "pipelines" / "update_check.py"
+    if not script.is_file():
+        raise RcatError(f"{script}: not found; pass the project root as --project-dir")
+    previous = os.getcwd()
+    os.chdir(project_dir)  # the flow module imports `pipelines.*` relative to the project root
+    try:
+        module = load_script_as_module("pipelines/update_check.py")
+    finally:
+        os.chdir(previous)
+    module.serve(project_dir, cron)
+
+
 def _load_reference(reference: str, samples: Any, device: Any, config: Any, mean: str | None, std: str | None) -> Any:
     """Load a model reference for the data in ``samples``; factories named by the params are trusted."""
     from rcat.models import FACTORY_PREFIX, check_model_on, load_model_reference

@@ -1,0 +1,202 @@
+"""The ``update-check`` flow (pipelines/update_check.py): typed overrides of params.yaml, written only
+when they change it and with its comments kept; bad input fails at once and is never retried; a
+stage that failed because MLflow did not answer (exit code 4) is retried; prefect.yaml is valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `pipelines` is not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipelines import update_check as check_module
+from pipelines import update_pipeline as pipeline_module
+from pipelines.update_check import apply_overrides, overridden_params, update_check
+from rcat.config import AttackConfig, DecisionRules, MethodConfig, load_params
+from rcat.errors import ConfigError, InputError
+
+STAGES = ["prepare", "train_old", "train_new", "attack_cache", "finetune@at", "evaluate@at", "decide"]
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    """A copy of the repository's params.yaml (with its comments) in a project directory."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    return project / "params.yaml"
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def test_overrides_merge_given_fields_and_replace_methods(params_file):
+    raw = yaml.safe_load(params_file.read_text())
+    rules = DecisionRules.model_validate({"max_nfr": 0.2, "min_accuracy_delta": None})
+    attack = AttackConfig.model_validate({"steps": 7})
+    methods = {"only": MethodConfig.model_validate({"loss": "rcat", "alpha": 0.3, "beta": 0.3})}
+    result = overridden_params(raw, champion="models:/digits@champion", candidate="runs:/abc/model", data_source="npz:/x.npz",
+                               attack=attack, methods=methods, rules=rules)
+
+    assert result["train_old"]["reference"] == "models:/digits@champion" and result["train_new"]["reference"] == "runs:/abc/model"
+    assert result["data"] == {**raw["data"], "source": "npz:/x.npz"}
+    # only the fields given replace the file's; a null disables a rule
+    assert result["decision"]["rules"] == {**raw["decision"]["rules"], "max_nfr": 0.2, "min_accuracy_delta": None}
+    assert result["attack"] == {**raw["attack"], "steps": 7}
+    assert result["finetune"]["methods"] == {"only": {"loss": "rcat", "alpha": 0.3, "beta": 0.3}}
+    assert raw == yaml.safe_load(params_file.read_text())  # the input is not modified
+    assert overridden_params(raw) == raw
+
+    with_preset = overridden_params({**raw, "attack": {**raw["attack"], "preset": "autoattack-standard"}},
+                                    attack=AttackConfig.model_validate({"ensemble": [{"name": "fgsm", "loss": "ce"}]}))
+    assert "preset" not in with_preset["attack"] and with_preset["attack"]["ensemble"][0]["name"] == "fgsm"
+
+
+def test_apply_overrides_rewrites_only_changes_keeping_comments(params_file):
+    project = str(params_file.parent)
+    original = params_file.read_text()
+    raw = yaml.safe_load(original)
+    changed = apply_overrides.fn(project, champion="models:/digits@champion", rules=DecisionRules.model_validate({"max_rnfr": 0.1}))
+
+    assert changed == ["train_old.reference", "decision.rules.max_rnfr"]
+    text = params_file.read_text()
+    expected = overridden_params(raw, champion="models:/digits@champion", rules=DecisionRules.model_validate({"max_rnfr": 0.1}))
+    assert yaml.safe_load(text) == expected
+    assert load_params(params_file).decision.rules.max_rnfr == 0.1
+    # every comment of the file survives, and only the two changed lines differ
+    comments = [line.split("#", 1)[1] for line in original.splitlines() if "#" in line]
+    assert all(comment in text for comment in comments)
+    differing = [(a, b) for a, b in zip(original.splitlines(), text.splitlines()) if a != b]
+    assert len(original.splitlines()) == len(text.splitlines()) and len(differing) == 2
+    assert (params_file.parent / check_module.BACKUP_FILE).read_text() == original
+
+    # the same overrides again: nothing to change, the file is not rewritten
+    before = params_file.stat().st_mtime_ns
+    assert apply_overrides.fn(project, champion="models:/digits@champion") == []
+    assert params_file.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"data_source": "ftp:somewhere"}, r"params\.yaml with the update-check overrides: bad value for 'data\.source'"),
+    ({"methods": {"old": MethodConfig(loss="at")}}, r"bad value for 'finetune\.methods'.*'old'"),
+])
+def test_bad_override_names_the_key_and_leaves_the_file(params_file, overrides, message):
+    original = params_file.read_text()
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides.fn(str(params_file.parent), **overrides)
+    assert params_file.read_text() == original
+    assert not (params_file.parent / check_module.BACKUP_FILE).exists()
+
+
+# ---------------------------------------------------------------- retries, with DVC replaced by canned results
+
+
+def fake_project(params_file: Path) -> Path:
+    """A project whose DVC is faked: params.yaml, dvc.yaml (unused by the fake) and a recorded decision."""
+    project = params_file.parent
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    decide = project / "data" / "decide"
+    decide.mkdir(parents=True)
+    (decide / "decision.json").write_text(json.dumps({"verdict": "reject", "candidate": None, "reasons": ["canned"], "candidates": {}}))
+    return project
+
+
+def fake_dvc(monkeypatch, failures: dict[str, list[int]]) -> list[str]:
+    """Replace DVC: ``stage list`` names STAGES; ``repro`` of a target fails with the next stage exit code
+    listed for it (as DVC reports it), then succeeds. Returns the repro targets, in call order."""
+    calls: list[str] = []
+
+    def run(args, project_dir):
+        if args[:2] == ["stage", "list"]:
+            return subprocess.CompletedProcess(args, 0, "\n".join(STAGES) + "\n", "")
+        target = args[-1]
+        calls.append(target)
+        if failures.get(target):
+            code = failures[target].pop(0)
+            err = f"rcat: error: boom\nERROR: failed to reproduce '{target}': failed to run: python stages/{target}.py, exited with {code}\n"
+            return subprocess.CompletedProcess(args, 255, f"Running stage '{target}':\n", err)
+        names = [stage for stage in STAGES if stage.split("@")[0] == target]
+        return subprocess.CompletedProcess(args, 0, "".join(f"Stage '{name}' didn't change, skipping\n" for name in names), "")
+
+    monkeypatch.setattr(pipeline_module, "run_dvc", run)
+    monkeypatch.setattr(pipeline_module.reproduce, "retry_delay_seconds", [0.0, 0.0])
+    return calls
+
+
+def test_stage_exit_code_is_read_from_dvc():
+    failed = pipeline_module.StageFailed("decide", 255, "ERROR: failed to reproduce 'decide': failed to run: python stages/decide.py, exited with 4\n")
+    assert failed.stage_exit_code == 4 and failed.transient
+    assert pipeline_module.StageFailed("decide", 255, "ERROR: bad dvc.yaml\n").stage_exit_code is None
+
+
+def test_tracking_failure_is_retried_bad_input_is_not(prefect_harness, params_file, monkeypatch):
+    project = fake_project(params_file)
+
+    # exit code 4 (MLflow did not answer) twice on the attack cache: retried twice, then the run completes
+    calls = fake_dvc(monkeypatch, {"attack_cache": [4, 4]})
+    result = update_check(project_dir=str(project))
+    assert calls == ["prepare", "train_old", "train_new", "attack_cache", "attack_cache", "attack_cache", "finetune", "evaluate", "decide"]
+    assert result["verdict"] == "reject" and result["skipped"] == STAGES and result["overridden"] == []
+
+    # exit code 2 (bad input): one attempt, the run fails there
+    calls = fake_dvc(monkeypatch, {"train_new": [2]})
+    state = update_check(project_dir=str(project), return_state=True)
+    assert state.is_failed() and calls == ["prepare", "train_old", "train_new"]
+
+    # a bad override: the run fails before any stage, and the params file is unchanged
+    original = params_file.read_text()
+    calls = fake_dvc(monkeypatch, {})
+    state = update_check(project_dir=str(project), data_source="ftp:nowhere", return_state=True)
+    assert state.is_failed() and calls == [] and params_file.read_text() == original
+    with pytest.raises(ConfigError, match="data.source"):
+        state.result()
+
+
+def test_prefect_rejects_a_mistyped_parameter(prefect_harness, params_file, monkeypatch):
+    from prefect.exceptions import ParameterTypeError
+
+    calls = fake_dvc(monkeypatch, {})
+    with pytest.raises(ParameterTypeError, match="rules.max_nfr"):
+        update_check(project_dir=str(params_file.parent), rules={"max_nfr": 2})
+    assert calls == []
+
+
+# ---------------------------------------------------------------- prefect.yaml and `rcat serve` without a server
+
+
+def test_prefect_yaml_deployment_is_valid(monkeypatch):
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = check_module.deployment_spec(REPO_ROOT)
+    assert spec["name"] == "update-check" and spec["concurrency_limit"] == 1 and spec["work_pool"]["name"]
+    monkeypatch.chdir(REPO_ROOT)
+    loaded = load_flow_from_entrypoint(spec["entrypoint"])
+    assert loaded.name == "update-check"
+    validated = loaded.validate_parameters(spec["parameters"])
+    assert set(spec["parameters"]) <= set(validated) and all(validated[key] == value for key, value in spec["parameters"].items())
+    schedules = check_module.deployment_schedules(spec)
+    assert [schedule.cron for schedule in schedules] == [entry["cron"] for entry in spec["schedules"]]
+    assert check_module.deployment_schedules(spec, cron="*/5 * * * *")[0].cron == "*/5 * * * *"
+    with pytest.raises(InputError, match="bad cron schedule '61 3 \\* \\* \\*'"):
+        check_module.deployment_schedules(spec, cron="61 3 * * *")
+    with pytest.raises(InputError, match="no deployment named 'nightly'"):
+        check_module.deployment_spec(REPO_ROOT, "nightly")
+
+
+def test_serve_refuses_the_temporary_server(tmp_path):
+    """Without PREFECT_API_URL, `rcat serve` says in one line to start a server: the temporary one cannot schedule."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    result = subprocess.run([str(Path(sys.executable).parent / "rcat"), "serve", "--project-dir", str(REPO_ROOT)],
+                            check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "PREFECT_API_URL is not set" in result.stderr and "prefect server start" in result.stderr
