@@ -390,8 +390,8 @@ def _verdict_section(decision: dict[str, Any]) -> str:
     selected = decision.get(f"selected_on_{selection}")
     parts = [f'<section class="verdict {"promote" if verdict == "promote" else "reject"}" id="verdict">',
              f'<div class="word">{_e(verdict.upper())}{" " + _e(chosen) if chosen else ""}</div>',
-             f"<p>Candidates selected on the <b>{_e(selection)}</b> split by <b>{_e(decision.get('rank_by'))}</b>, "
-             f"confirmed on the <b>{_e(confirmation)}</b> split.</p><ul>"]
+             (f"<p>Candidates selected on the <b>{_e(selection)}</b> split by <b>{_e(decision.get('rank_by'))}</b>, "
+              f"confirmed on the <b>{_e(confirmation)}</b> split.</p><ul>")]
     parts += [f"<li>{_e(reason)}</li>" for reason in decision.get("reasons") or ["no reason recorded"]]
     parts.append("</ul>")
     if decision.get("problems"):
@@ -417,8 +417,8 @@ def _table_section(split: str, estimates: dict[str, dict[str, Estimate] | None],
     chosen = decision.get("candidate")
     columns = list(HEADERS)
     header = "".join(f"<th>{_e(HEADERS[c])}</th>" for c in columns)
-    rows = [f'<table class="candidates" data-split="{_e(split)}"><tr><th class="name">candidate</th><th class="name">gate</th>{header}'
-            "<th>NF</th><th>RNF</th><th>n</th></tr>"]
+    rows = [(f'<table class="candidates" data-split="{_e(split)}"><tr><th class="name">candidate</th><th class="name">gate</th>{header}'
+             "<th>NF</th><th>RNF</th><th>n</th></tr>")]
     reference = next((e for e in estimates.values() if e is not None), None)
     if reference is not None:
         rows.append(f'<tr><td class="name">old (reference)</td><td class="name">current model</td>{_cell(reference["accuracy_old"])}'
@@ -535,8 +535,8 @@ def build_report(params: Params, layout: Layout, tracker: Tracker | None = None,
     rules = decision.get("rules") or {}
     reference = next(iter(evaluated.values()), None)
     sections = [
-        f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>rcat update report: {_e(decision['verdict'])}</title>"
-        f"<style>{STYLE}</style></head><body><h1>rcat update report</h1>",
+        (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>rcat update report: {_e(decision['verdict'])}</title>"
+         f"<style>{STYLE}</style></head><body><h1>rcat update report</h1>"),
         _verdict_section(decision),
     ]
     for split in splits:

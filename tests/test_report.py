@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO_ROOT, reduced_params
 
 METHODS = {"at": {"loss": "at"}, "rcat": {"loss": "rcat", "alpha": 0.5, "beta": 0.4}}
@@ -238,7 +237,7 @@ def test_dvc_plots_show_renders_the_report_plots(report_run):
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(command, cwd=work, check=True, env=env)
-    result = subprocess.run(["dvc", "plots", "show", "--json"], cwd=work, capture_output=True, text=True, env=env)
+    result = subprocess.run(["dvc", "plots", "show", "--json"], cwd=work, check=False, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     plots = json.loads(result.stdout)["data"]
     tradeoff = plots["robust accuracy against RNFR (confirmation split)"][0]["content"]
@@ -291,14 +290,14 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     url = (report_run["layout"].root / "report" / "report.html").resolve().as_uri()
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
     env = dict(os.environ, HOME=str(tmp_path))
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, env=env)
+    dom = subprocess.run([*common, "--dump-dom", url], check=False, capture_output=True, text=True, timeout=120, env=env)
     assert dom.returncode == 0, dom.stderr[-2000:]
     decision = report_run["decision"]
     assert decision["verdict"].upper() in dom.stdout
     rendered = tables_of(dom.stdout)[f"candidates:{decision['confirmation_split']}"]
     assert {row[0] for row in rendered[1:]} == {"old (reference)", "new", *METHODS}
     shot = tmp_path / "report.png"
-    result = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,2000", url], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,2000", url], check=False, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     with Image.open(shot) as image:
         assert image.size == (1200, 2000)
