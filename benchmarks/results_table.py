@@ -11,17 +11,22 @@ is built from every seed file present.
 
     python benchmarks/results_table.py --name digits --seeds 0 1 2      # run 3 seeds, then build
     python benchmarks/results_table.py --name digits --merge-only       # rebuild from saved seeds
+    python benchmarks/results_table.py --name digits --overlay benchmarks/profiles/paper_grids.yaml
+    python benchmarks/results_table.py --name cifar10 --params benchmarks/profiles/cifar10.yaml --seeds 0 --save-models
 
 Writes ``docs/results/<name>.json`` (``{"methods": {name: {accuracy, robust_accuracy, nfr, rnfr,
 snfr, seeds, ...}}}``, fractions in [0, 1], means over seeds), ``docs/results/<name>_tradeoff.png``
 (robust accuracy against RNFR per method and seed) and ``docs/results/<name>_tradeoff.csv``
-(the same points, for ``dvc plots``), and prints the markdown table.
+(the same points, for ``dvc plots``), logs them to MLflow (experiment ``rcat-results`` of the
+profile's tracking store; ``--no-mlflow`` to skip), and prints the markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from rcat import pipeline  # noqa: E402
 from rcat.config import parse_params  # noqa: E402
-from rcat.safe_io import atomic_path, read_parquet, write_json, write_parquet  # noqa: E402
+from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet  # noqa: E402
 from rcat.statistics import bootstrap_interval, mcnemar_exact  # noqa: E402
 
 INDICATORS = ("old_clean_correct", "new_clean_correct", "old_robust", "new_robust", "negative_flip", "robust_negative_flip")
@@ -50,24 +55,50 @@ def seed_params(raw: dict, seed: int) -> dict:
     return raw
 
 
-def run_seed(raw: dict, seed: int) -> pd.DataFrame:
-    """One seed through every stage; the test split's per-sample flips of every candidate."""
+def run_seed(raw: dict, seed: int, models_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """One seed through every stage: the test split's per-sample flips of every candidate, and a
+    record of the run (stage times, each family's grid on validation, the models' digests).
+
+    ``models_dir``: also copy the old, new and fine-tuned model files there (``<name>.safetensors``).
+    """
     params = parse_params(seed_params(raw, seed), "params (seed override)")
+    record: dict = {"seed": seed, "stage_seconds": {}, "grids": {}, "models": {}}
+
+    def timed(name: str, call) -> None:
+        start = time.perf_counter()
+        call()
+        record["stage_seconds"][name] = round(time.perf_counter() - start, 1)
+        print(f"  seed {seed}: {name} in {record['stage_seconds'][name]:.1f} s", flush=True)
+
     with tempfile.TemporaryDirectory(prefix=f"rcat-results-{seed}-") as tmp:
         layout = pipeline.Layout(Path(tmp) / "data")
-        pipeline.prepare(params, layout)
+        timed("prepare", lambda: pipeline.prepare(params, layout))
         for role in ("old", "new"):
-            pipeline.train(params, role, layout)
-        pipeline.attack_cache(params, layout)
+            timed(f"train_{role}", lambda role=role: pipeline.train(params, role, layout))
+            last = read_json(layout.training_history(role))["epochs"][-1]
+            print(f"    {role}: last epoch {json.dumps({k: round(v, 4) for k, v in last.items()})}", flush=True)
+        timed("attack_cache", lambda: pipeline.attack_cache(params, layout))
+        baseline = read_json(layout.attack_cache / "metrics.json")["test"]
+        print(f"    test: old acc {baseline['accuracy_old']:.4f} rob {baseline['robust_accuracy_old']:.4f}; "
+              f"new acc {baseline['accuracy_new']:.4f} rob {baseline['robust_accuracy_new']:.4f} rnfr {baseline['rnfr']:.4f}", flush=True)
         frames = [read_parquet(layout.attack_cache / "flips.parquet")]
         for method in params.finetune.methods:
-            start = time.perf_counter()
-            pipeline.finetune_method(params, method, layout)
-            pipeline.evaluate_method(params, method, layout)
+            timed(f"finetune@{method}", lambda method=method: pipeline.finetune_method(params, method, layout))
+            timed(f"evaluate@{method}", lambda method=method: pipeline.evaluate_method(params, method, layout))
+            history = read_json(layout.finetune_history(method))
+            record["grids"][method] = history.get("grid") or [{"alpha": history["alpha"], "beta": history["beta"], "selected": True}]
             frames.append(read_parquet(layout.evaluation(method) / "flips.parquet"))
-            print(f"  seed {seed}: {method} in {time.perf_counter() - start:.1f} s", flush=True)
+            test = read_json(layout.evaluation(method) / "metrics.json")["test"]
+            print(f"    {method} (alpha {history['alpha']}, beta {history['beta']}): acc {test['accuracy_new']:.4f} "
+                  f"rob {test['robust_accuracy_new']:.4f} nfr {test['nfr']:.4f} rnfr {test['rnfr']:.4f}", flush=True)
+        for name in ("old", "new", *params.finetune.methods):
+            path = layout.model(name) if name in {"old", "new"} else layout.finetuned(name)
+            record["models"][name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            if models_dir is not None:
+                with atomic_path(models_dir / f"{name}.safetensors") as tmp_path:
+                    shutil.copyfile(path, tmp_path)
     flips = pd.concat(frames, ignore_index=True)
-    return flips[flips["split"] == "test"].reset_index(drop=True).assign(seed=seed)
+    return flips[flips["split"] == "test"].reset_index(drop=True).assign(seed=seed), record
 
 
 def summarise(flips: pd.DataFrame, reference: str = "at") -> dict:
@@ -143,21 +174,58 @@ def plot(flips: pd.DataFrame, png: Path, csv: Path) -> None:
     plt.close(figure)
 
 
+def apply_overlay(raw: dict, overlay: dict, source: Path) -> dict:
+    """A copy of ``raw`` with each dotted key of ``overlay`` replacing that node (the parent must exist)."""
+    raw = json.loads(json.dumps(raw))
+    for dotted, value in (overlay or {}).items():
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                sys.exit(f"{source}: overlay key {dotted!r} names no section of the params ({part!r} missing)")
+            node = node[part]
+        node[last] = value
+    return raw
+
+
+def write_models_index(path: Path, models_dir: Path, record: dict, params_path: Path) -> None:
+    """List the committed model files with their digests, so that a table row can be checked with ``rcat evaluate``."""
+    entries = {}
+    for name, info in record["models"].items():
+        chosen = next((point for point in record["grids"].get(name, []) if point.get("selected")), None)
+        entries[name] = {"file": str((models_dir / f"{name}.safetensors").relative_to(ROOT)), **info,
+                         **({"alpha": chosen["alpha"], "beta": chosen["beta"]} if chosen else {})}
+    write_json(path, {"seed": record["seed"], "params": os.path.relpath(params_path.resolve(), ROOT), "models": entries})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="digits")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--merge-only", action="store_true", help="only rebuild the table from saved seed files")
+    parser.add_argument("--save-models", action="store_true",
+                        help="copy the first seed's old, new and fine-tuned models to docs/results/models/<name>/ and list them in docs/results/<name>_models.json")
+    parser.add_argument("--overlay", type=Path, action="append", default=[],
+                        help="YAML of dotted keys that replace nodes of the params (e.g. benchmarks/profiles/paper_grids.yaml)")
+    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log the table and plot to MLflow")
     args = parser.parse_args()
     out_dir = ROOT / "docs" / "results"
     seed_dir = out_dir / args.name
     raw = yaml.safe_load(args.params.read_text())
+    for overlay in args.overlay:
+        raw = apply_overlay(raw, yaml.safe_load(overlay.read_text()), overlay)
     if not args.merge_only:
         for seed in args.seeds:
             start = time.perf_counter()
-            write_parquet(seed_dir / f"seed-{seed}.parquet", run_seed(raw, seed))
-            print(f"seed {seed}: {time.perf_counter() - start:.1f} s", flush=True)
+            models_dir = out_dir / "models" / args.name if args.save_models and seed == args.seeds[0] else None
+            flips, record = run_seed(raw, seed, models_dir)
+            record["total_seconds"] = round(time.perf_counter() - start, 1)
+            write_parquet(seed_dir / f"seed-{seed}.parquet", flips)
+            write_json(seed_dir / f"seed-{seed}.json", record)
+            if models_dir is not None:
+                write_models_index(out_dir / f"{args.name}_models.json", models_dir, record, args.params)
+            print(f"seed {seed}: {record['total_seconds']:.1f} s", flush=True)
     files = sorted(seed_dir.glob("seed-*.parquet"))
     if not files:
         sys.exit(f"no seed results in {seed_dir}; run without --merge-only first")
@@ -165,7 +233,30 @@ def main() -> None:
     summary = summarise(flips)
     write_json(out_dir / f"{args.name}.json", summary)
     plot(flips, out_dir / f"{args.name}_tradeoff.png", out_dir / f"{args.name}_tradeoff.csv")
+    if args.mlflow:
+        log_to_mlflow(summary, args.name, raw, [out_dir / f"{args.name}.json", out_dir / f"{args.name}_tradeoff.png", out_dir / f"{args.name}_tradeoff.csv"])
     print(markdown(summary))
+
+
+def log_to_mlflow(summary: dict, name: str, raw: dict, files: list[Path]) -> None:
+    """One run ``results:<name>`` in the experiment ``rcat-results`` of the profile's tracking store
+    (``MLFLOW_TRACKING_URI`` overrides): every method's means as ``<method>/<metric>``, the table,
+    the trade-off plot and its CSV as artifacts."""
+    import mlflow
+
+    from rcat.config import TrackingConfig
+    from rcat.tracking import redact_uri, tracking_uri
+
+    uri = tracking_uri(TrackingConfig(**raw.get("tracking", {})))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("rcat-results")
+    with mlflow.start_run(run_name=f"results:{name}"):
+        mlflow.log_params({"dataset": name, "seeds": " ".join(str(s) for s in summary["seeds"])})
+        mlflow.log_metrics({f"{method}/{metric}": entry[metric] for method, entry in summary["methods"].items()
+                            for metric in ("accuracy", "robust_accuracy", "nfr", "rnfr", "snfr")})
+        for path in files:
+            mlflow.log_artifact(str(path), "results")
+    print(f"logged to MLflow {redact_uri(uri)} (experiment rcat-results, run results:{name})", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,22 @@ def decide(
     else:
         record["reasons"].append(f"{best} (best on {selection}) fails on {confirmation}: " + "; ".join(_failures(confirm_checks)))
     return record
+
+
+def best_grid_point(validation_metrics: list[dict[str, Any]]) -> int:
+    """Index of the grid point to keep: the lowest validation S-NFR (NF or RNF, over all samples).
+
+    Ties go to higher robust accuracy, then higher accuracy, then the earlier grid point. A point
+    whose S-NFR is missing or not finite is never chosen over a measured one. The authors' table
+    script keeps the *highest* S-NFR (``ascending=False``); the paper's protocol means the lowest.
+    """
+    if not validation_metrics:
+        raise ValueError("no grid points to choose from")
+
+    def order(index: int) -> tuple[float, float, float, int]:
+        metrics = validation_metrics[index]
+        snfr, robust, accuracy = (_value(metrics, key) for key in ("snfr", "robust_accuracy_new", "accuracy_new"))
+        worst = math.inf
+        return (worst if math.isnan(snfr) else snfr, worst if math.isnan(robust) else -robust, worst if math.isnan(accuracy) else -accuracy, index)
+
+    return min(range(len(validation_metrics)), key=order)

@@ -18,14 +18,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rcat.config import AttackConfig, EngineConfig, Params
+from rcat.config import AttackConfig, EngineConfig, MethodConfig, Params
 from rcat.data import SPLIT_NAMES, Split, load_dataset, load_split, save_split, split_dataset, subsample
+from rcat.decision import best_grid_point
 from rcat.decision import decide as decide_update
 from rcat.engine import run_attack
 from rcat.errors import InputError, UpdateRejected
 from rcat.finetune import adversarial_train, finetune
 from rcat.metrics import compare_outcomes
-from rcat.models import FACTORY_PREFIX, TORCHSCRIPT_PREFIX, LoadedModel, ModelSpec, check_model_on, load_model, load_model_reference, save_model
+from rcat.models import FACTORY_PREFIX, TORCHSCRIPT_PREFIX, LoadedModel, ModelSpec, check_model_on, load_model, load_model_reference, save_model, weights_digest
 from rcat.runtime import code_revision, resolve_device, seed_everything
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
 from rcat.tracking import Tracker
@@ -287,12 +288,20 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
         # the constraint set from the baseline attack cache: samples the old model's own attack failed on
         cached = load_cached_outcomes(layout, "old", {"finetune": split}, params.attack, old.digest).set_index("sample_index")
         old_robust = torch.tensor(cached.loc[split.sample_index.numpy(), "robust"].to_numpy(dtype=bool))
-    curves: list[tuple[int, dict[str, float]]] = []
-    network, history = finetune(new.network, old.network, split, params.finetune, method, device,
-                                on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust)
-    extra = {"method": method_name, "loss": method.loss, "alpha": str(method.alpha), "beta": str(method.beta), "base_digest": new.digest, "old_digest": old.digest}
+    grid: list[dict[str, Any]] | None = None
+    if method.grid is None:
+        chosen = method
+        curves: list[tuple[int, dict[str, float]]] = []
+        network, history = finetune(new.network, old.network, split, params.finetune, method, device,
+                                    on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust)
+    else:
+        chosen, network, history, curves, grid = _search_grid(params, layout, method_name, method, new, old, split, device, old_robust)
+    extra = {"method": method_name, "loss": method.loss, "alpha": str(chosen.alpha), "beta": str(chosen.beta), "base_digest": new.digest, "old_digest": old.digest}
     digest = save_model(network.cpu(), new.spec, layout.finetuned(method_name), extra=extra)
-    write_json(layout.finetune_history(method_name), {"method": method_name, **method.model_dump(), "epochs": history.epochs, "weights_digest": digest})
+    record = {"method": method_name, **chosen.model_dump(exclude={"grid"}), "epochs": history.epochs, "weights_digest": digest}
+    if grid is not None:
+        record["grid"] = grid
+    write_json(layout.finetune_history(method_name), record)
     if tracker is not None:
         with tracker.child(f"candidate:{method_name}", "candidate") as run:
             run.params(_method_params(params, method_name))
@@ -303,10 +312,40 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
     return digest
 
 
+def _search_grid(params: Params, layout: Layout, method_name: str, method: MethodConfig, new: LoadedModel, old: LoadedModel, split: Split,
+                 device: torch.device, old_robust: torch.Tensor | None) -> tuple[MethodConfig, torch.nn.Module, Any, list, list[dict[str, Any]]]:
+    """Fine-tune once per grid point, attack each result on the validation split, keep the lowest S-NFR.
+
+    Each point starts from the same weights and seed, so the points differ only in alpha/beta.
+    Selection reads the validation split only (see :func:`rcat.decision.best_grid_point`); the
+    test split stays untouched until the evaluate stage. The engine caches the validation attack
+    of the kept model, so the evaluate stage does not repeat it.
+    """
+    validation = {"validation": _split(layout, "validation")}
+    old_outcomes = load_cached_outcomes(layout, "old", validation, params.attack, old.digest)
+    trials = []
+    for index, point in enumerate(method.points()):
+        seed_everything(params.finetune.seed)
+        curves: list[tuple[int, dict[str, float]]] = []
+        network, history = finetune(new.network, old.network, split, params.finetune, point, device,
+                                    on_epoch=lambda e, v, curves=curves: curves.append((e, v)), old_robust=old_robust)
+        candidate = LoadedModel(network, new.spec, weights_digest(network), f"{method_name} grid point {index}")
+        outcomes = attack_model_on_splits(candidate, method_name, validation, params.attack, params.seed, device, params.engine)
+        metrics, _ = _split_metrics(old_outcomes, outcomes, ("validation",))
+        trials.append((point, network, history, curves, metrics["validation"]))
+    kept = best_grid_point([trial[4] for trial in trials])
+    grid = [{"alpha": point.alpha, "beta": point.beta, "selected": index == kept, "validation": metrics}
+            for index, (point, *_, metrics) in enumerate(trials)]
+    point, network, history, curves, _ = trials[kept]
+    return point, network, history, curves, grid
+
+
 def _method_params(params: Params, method_name: str) -> dict[str, Any]:
     method = params.finetune.methods[method_name]
     shared = params.finetune.model_dump(mode="json", exclude={"methods", "attack"})
-    return {"method": method_name, "loss": method.loss, "alpha": method.alpha, "beta": method.beta,
+    # a grid method logs its grid here; the kept point's alpha/beta are in the fine-tune history and the model header
+    weights = {"alpha": method.alpha, "beta": method.beta} if method.grid is None else {"grid": json.dumps([p.model_dump() for p in method.grid])}
+    return {"method": method_name, "loss": method.loss, **weights,
             "constraint_set": method.constraint_set, "constraint_term": method.constraint_term,
             "train_attack": params.finetune.attack.label(), **{f"finetune.{k}": v for k, v in shared.items()}}
 

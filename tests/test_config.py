@@ -139,10 +139,32 @@ def test_out_of_range_values_name_the_key(tmp_path, dotted, value, key):
     assert f"bad value for '{key}'" in message, message
 
 
-def test_fractions_must_sum_to_one(tmp_path):
-    raw = edited(data__finetune_fraction=0.5)  # 0.5 + 0.2 + 0.2
+def test_fractions_must_sum_to_at_most_one(tmp_path):
+    raw = edited(data__finetune_fraction=0.7)  # 0.7 + 0.2 + 0.2
     message = error_for(tmp_path, raw)
-    assert "data" in message and "must be 1" in message and "0.9" in message
+    assert "data" in message and "must be at most 1" in message and "1.1" in message
+    # below 1 the rest of the source is left out
+    assert DataConfig(finetune_fraction=0.5, validation_fraction=0.1, test_fraction=0.2).finetune_fraction == 0.5
+
+
+def test_grid_replaces_alpha_beta(tmp_path):
+    grid = [{"alpha": 0.75, "beta": 0.2}, {"alpha": 0.3, "beta": 0.6}]
+    method = MethodConfig(loss="rcat", grid=grid, constraint_set="attack_cache")
+    points = method.points()
+    assert [(p.alpha, p.beta) for p in points] == [(0.75, 0.2), (0.3, 0.6)]
+    assert all(p.grid is None and p.constraint_set == "attack_cache" for p in points)
+    assert MethodConfig(loss="pct", alpha=1, beta=2).points() == [MethodConfig(loss="pct", alpha=1, beta=2)]
+    for methods, expected in [
+        ({"rcat": {"loss": "rcat", "alpha": 0.5, "grid": grid}}, "not both"),
+        ({"rcat": {"loss": "rcat", "grid": [{"alpha": 0.7, "beta": 0.4}]}}, "alpha + beta <= 1"),
+        ({"at": {"loss": "at", "grid": grid}}, "at has no alpha/beta"),
+        ({"rcat": {"loss": "rcat", "grid": []}}, "grid is empty"),
+        ({"rcat": {"loss": "rcat", "grid": [{"alpha": 0.5, "beta": 0.4, "gamma": 1}]}}, "gamma"),
+    ]:
+        raw = copy.deepcopy(RAW)
+        raw["finetune"]["methods"] = methods
+        message = error_for(tmp_path, raw)
+        assert "finetune.methods" in message and expected in message, message
 
 
 def test_rcat_weights_must_be_convex(tmp_path):

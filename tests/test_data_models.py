@@ -107,6 +107,18 @@ def test_other_fractions_and_impossible_split(digits):
         split_dataset(tiny, DataConfig(), seed=0)
 
 
+def test_fractions_below_one_leave_the_rest_out(digits, digits_splits):
+    """Shares of the whole source; disjoint, stratified; the test split is the same as with the full split."""
+    splits = split_dataset(digits, DataConfig(finetune_fraction=0.3, validation_fraction=0.1, test_fraction=0.2), seed=0)
+    sizes = [len(splits[n]) for n in ("finetune", "validation", "test")]
+    assert sizes == [round(0.3 * 1797), round(0.1 * 1797), 360]
+    indices = [set(splits[n].sample_index.tolist()) for n in ("finetune", "validation", "test")]
+    assert not (indices[0] & indices[1]) and not (indices[0] & indices[2]) and not (indices[1] & indices[2])
+    assert splits["test"].sample_index.tolist() == digits_splits["test"].sample_index.tolist()
+    counts = torch.bincount(splits["finetune"].labels, minlength=10)
+    assert counts.min() >= 50 and counts.max() <= 56  # about 54 per class
+
+
 def test_subsample_is_stratified_and_seeded(digits_splits):
     split = digits_splits["finetune"]
     part = subsample(split, 0.3, seed=1)

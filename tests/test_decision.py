@@ -193,3 +193,20 @@ def test_check_rules_records_values_and_thresholds():
     nan_checks = {check["rule"]: check for check in check_rules(metrics(nfr=math.nan), CONFIG, 100)}
     assert not nan_checks["max_nfr"]["passed"] and nan_checks["max_nfr"]["value"] is None
     assert check_rules(None, CONFIG, 100) == [{"rule": "evaluation_present", "passed": False, "detail": "no evaluation found"}]
+
+
+def test_grid_selection_keeps_the_lowest_validation_snfr():
+    """The paper's protocol, not the authors' ascending=False: lowest S-NFR wins; ties by robust accuracy, accuracy, order."""
+    from rcat.decision import best_grid_point
+
+    def point(snfr, robust=0.5, accuracy=0.9):
+        return {"snfr": snfr, "robust_accuracy_new": robust, "accuracy_new": accuracy}
+
+    assert best_grid_point([point(0.08), point(0.03), point(0.05)]) == 1
+    assert best_grid_point([point(0.03, robust=0.4), point(0.03, robust=0.6)]) == 1
+    assert best_grid_point([point(0.03, accuracy=0.8), point(0.03, accuracy=0.85)]) == 1
+    assert best_grid_point([point(0.03), point(0.03)]) == 0
+    assert best_grid_point([point(float("nan")), point(0.2)]) == 1
+    assert best_grid_point([point(None), point(float("inf")), point(0.9)]) == 2
+    with pytest.raises(ValueError):
+        best_grid_point([])

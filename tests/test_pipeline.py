@@ -75,4 +75,4 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     assert set(json.loads(dvc(work, "status", "--json"))) == {"finetune@rcat", "decide"}
     third = dvc(work, "repro")
     ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
-    assert ran == {"finetune@rcat", "evaluate@rcat", "decide"}
+    assert ran == {"finetune@rcat", "evaluate@rcat", "decide", "report"}

@@ -97,3 +97,48 @@ def test_cache_constraint_through_the_pipeline(tmp_path, monkeypatch):
     assert seen["old_robust"].tolist() == expected.tolist()
     assert 0 < seen["old_robust"].sum() < len(expected)
     assert yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["finetune"]["methods"]["rcat_cache"]["constraint_set"] == "attack_cache"
+
+
+def test_grid_method_keeps_the_point_with_the_lowest_validation_snfr(tmp_path, monkeypatch):
+    """A grid method fine-tunes every point, attacks each on validation only, and keeps the lowest S-NFR;
+    the kept model equals a plain run with that point's alpha/beta, and the history records every point."""
+    import json
+
+    from conftest import reduced_params
+    from rcat import pipeline
+    from rcat.models import load_model
+
+    raw = reduced_params(tmp_path)
+    raw["tracking"]["enabled"] = False
+    raw["finetune"]["epochs"] = 1
+    grid = [{"alpha": 0.75, "beta": 0.2}, {"alpha": 0.3, "beta": 0.6}, {"alpha": 0.5, "beta": 0.4}]
+    raw["finetune"]["methods"] = {"family": {"loss": "rcat", "grid": grid}}
+    params = parse_params(raw)
+    layout = pipeline.Layout(tmp_path / "data")
+    pipeline.prepare(params, layout)
+    pipeline.train(params, "old", layout)
+    pipeline.train(params, "new", layout)
+    pipeline.attack_cache(params, layout)
+
+    attacked_splits = []
+    original_attack = pipeline.attack_model_on_splits
+
+    def spy(model, role, splits, *args, **kwargs):
+        attacked_splits.append(tuple(splits))
+        return original_attack(model, role, splits, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "attack_model_on_splits", spy)
+    digest = pipeline.finetune_method(params, "family", layout)
+    assert attacked_splits == [("validation",)] * 3  # the test split is never read for selection
+
+    history = json.loads(layout.finetune_history("family").read_text())
+    snfrs = [point["validation"]["snfr"] for point in history["grid"]]
+    kept = [point["selected"] for point in history["grid"]].index(True)
+    assert snfrs[kept] == min(snfrs)
+    assert (history["alpha"], history["beta"]) == (grid[kept]["alpha"], grid[kept]["beta"])
+
+    # the same point as a plain method gives the same weights (same start, same seed)
+    raw["finetune"]["methods"] = {"single": {"loss": "rcat", **grid[kept]}}
+    single = parse_params(raw)
+    assert pipeline.finetune_method(single, "single", layout) == digest
+    assert load_model(layout.finetuned("family")).metadata["alpha"] == str(grid[kept]["alpha"])
