@@ -134,8 +134,8 @@ def test_flow_and_dvc_repro_share_outputs(prefect_harness, pipeline_workspace):
     work = pipeline_workspace
     stages = dvc(work, "stage", "list", "--name-only").split()
     methods = yaml.safe_load((work / "params.yaml").read_text())["finetune"]["methods"]
-    assert len(stages) == 5 + 2 * len(methods) and stages[0] == "prepare" and stages[-1] == "decide"
-    rcat_stages = ["finetune@rcat", "evaluate@rcat", "decide"]
+    assert len(stages) == 6 + 2 * len(methods) and stages[0] == "prepare" and stages[-2:] == ["decide", "report"]
+    rcat_stages = ["finetune@rcat", "evaluate@rcat", "decide", "report"]
 
     # 1. fresh: the flow runs every stage, in dvc.yaml's order, and publishes the decision.
     state = update_pipeline(project_dir=str(work), return_state=True)
@@ -164,11 +164,11 @@ def test_flow_and_dvc_repro_share_outputs(prefect_harness, pipeline_workspace):
     assert (work / "dvc.lock").read_bytes() == lock_before
     assert (work / "data/decide/decision.json").stat().st_mtime_ns == decision_mtime
 
-    # 3. dvc repro reproduces a change of the gate's rules (only `decide` is stale); the flow then runs nothing.
+    # 3. dvc repro reproduces a change of the gate's rules (`decide`, then the report); the flow then runs nothing.
     original_rule = yaml.safe_load((work / "params.yaml").read_text())["decision"]["rules"]["max_nfr"]
     set_param(work, "decision.rules.max_nfr", original_rule / 2)
     repro = dvc(work, "repro")
-    assert [line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")] == ["decide"]
+    assert [line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")] == ["decide", "report"]
     changed = read_decision(work)
     assert changed["rules"]["max_nfr"] == original_rule / 2
     third = update_pipeline(project_dir=str(work))
