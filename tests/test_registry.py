@@ -21,7 +21,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import reduced_params
 
 EXPERIMENT = "rcat-registry-test"
@@ -65,11 +64,11 @@ def mlflow_server(tmp_path_factory):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # workers that outlive the main process (or a main that hangs)
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
         log.close()
 
 
@@ -165,6 +164,7 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from rcat.data import load_split
     from rcat.engine import run_key
     from rcat.metrics import compare_outcomes
     from rcat.models import load_model, load_model_reference, save_model
@@ -183,7 +183,7 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     # ---- check 1: old = M0 (a local file), lax gate -> promote; champion = M1
     root1 = tmp_path / "check1"
     raw1 = _raw_params(root1, cache_dir, str(m0), str(_perturbed(network, spec, models / "new1.safetensors", seed=0)), LAX_RULES)
-    params1, layout1, tracker1, record1 = _run_check(root1, raw1)
+    _, layout1, tracker1, record1 = _run_check(root1, raw1)
     assert record1["verdict"] == "promote", record1["reasons"]
     parent1 = tracker1.parent().run_id
     versions1 = _versions_of(client, parent1)
@@ -216,7 +216,7 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
         table = client.load_table(row["experiment_id"], f"flips/{candidate}.json", run_ids=[row["run_id"]])
         flips = read_parquet(layout1.evaluation(candidate) / "flips.parquet")
         assert len(table) == len(flip_set(flips)) > 0
-        assert {"flips"} <= {item.path for item in client.list_artifacts(row["run_id"])}
+        assert "flips/flips.parquet" in {item.path for item in client.list_artifacts(row["run_id"], "flips")}
     parent_artifacts = {item.path for item in client.list_artifacts(parent1)} | {item.path for item in client.list_artifacts(parent1, "plots")}
     assert {"decision.json", "registry.json", "tradeoff.csv", "plots/tradeoff.png"} <= parent_artifacts
 
@@ -237,8 +237,6 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     assert set(outcomes2.loc[outcomes2["model"] == "old", "model_digest"]) == {m1_digest}
     chunk_size = params2.engine.effective_chunk_size(params2.attack.batch_size)
     for split in EVALUATED_SPLITS:
-        from rcat.data import load_split
-
         key = run_key(old2.network, load_split(layout2.split(split)), params2.attack, params2.seed, chunk_size)
         assert (cache_dir / key / "manifest.json").is_file()
     # ... so M1's outcomes there are the ones check 1 measured for M1, and check 2's flips are measured against them
@@ -290,6 +288,9 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     registered = client.get_registered_model(MODEL_NAME)
     assert registered.aliases[CHAMPION] == m2_version
     assert len(json.loads(registered.tags[HISTORY_TAG])) == 2
+    new_run = rows.loc[rows["tags.rcat.child"] == "candidate:new", "run_id"].item()
+    new_table = client.load_table(rows["experiment_id"].iloc[0], "flips/new.json", run_ids=[new_run])
+    assert len(new_table) == len(flip_set(read_parquet(layout1.attack_cache / "flips.parquet")))  # replaced, not appended
 
 
 def test_registry_refuses_incomplete_or_malformed_decisions(tmp_path):
