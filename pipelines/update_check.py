@@ -6,7 +6,9 @@ Its typed parameters are **overrides of params.yaml** (None keeps the file's val
 parameter      what it sets in ``params.yaml``
 =============  =====================================================================
 champion       ``train_old.reference``: ``models:/<name>@champion``, ``runs:/...``, an rcat
-               model file or ``factory:module:callable@WEIGHTS`` (see README)
+               model file or ``factory:module:callable@WEIGHTS`` (see README). An alias
+               is pinned to the version it points at when the run starts
+               (``models:/<name>/<version>``), so DVC sees the champion move
 candidate      ``train_new.reference`` (same forms)
 data_source    ``data.source`` (``digits``, ``imagefolder:PATH``, ...)
 attack         ``attack`` (:class:`rcat.config.AttackConfig`): the fields given replace the
@@ -52,8 +54,9 @@ from prefect import flow, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from pipelines.update_pipeline import publish_decision, reproduce_pipeline
-from rcat.config import AttackConfig, DecisionRules, MethodConfig, parse_params
+from rcat.config import AttackConfig, DecisionRules, MethodConfig, TrackingConfig, parse_params
 from rcat.errors import ConfigError, InputError
+from rcat.registry import pin_alias
 from rcat.safe_io import atomic_path
 
 PARAMS_FILE = "params.yaml"
@@ -149,6 +152,16 @@ def write_params(path: Path, params: dict[str, Any], backup: Path | None = None)
         tmp.write_text(rendered, encoding="utf-8")
 
 
+def _tracking_uri(raw: dict[str, Any], project_dir: str) -> str:
+    """The MLflow store the stages will use: ``MLFLOW_TRACKING_URI``, else the params' URI, with a
+    relative SQLite path taken from the project directory (where DVC runs the stages)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (raw.get("tracking") or {}).get("uri") or TrackingConfig().uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str((Path(project_dir) / uri[len(prefix):]).resolve())
+    return uri
+
+
 @task(name="apply-overrides", cache_policy=NO_CACHE, retries=0)
 def apply_overrides(project_dir: str, champion: str | None = None, candidate: str | None = None,
                     data_source: str | None = None, attack: AttackConfig | None = None,
@@ -167,7 +180,14 @@ def apply_overrides(project_dir: str, champion: str | None = None, candidate: st
         raise ConfigError(f"{path}: not valid YAML; fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    params = overridden_params(raw, champion, candidate, data_source, attack, methods, rules)
+    # an alias (models:/name@champion) is pinned to the version it points at now, so that the params'
+    # text, and with it DVC's view and the check's key, changes exactly when the alias moves
+    uri = _tracking_uri(raw, project_dir)
+    pinned = {role: pin_alias(reference, uri) for role, reference in (("champion", champion), ("candidate", candidate))}
+    for role, reference in (("champion", champion), ("candidate", candidate)):
+        if pinned[role] != reference:
+            print(f"{role} {reference} is {pinned[role]} now (pinned)")
+    params = overridden_params(raw, pinned["champion"], pinned["candidate"], data_source, attack, methods, rules)
     parse_params(params, f"{path} with the update-check overrides")  # ConfigError names the key
     changed = changed_keys(raw, params)
     if changed:

@@ -259,6 +259,28 @@ def serve(
     module.serve(project_dir, cron)
 
 
+@app.command()
+@user_errors
+def champion(
+    name: Annotated[str | None, typer.Option(help="registered model (default: tracking.registered_model of the params)")] = None,
+    alias: Annotated[str, typer.Option(help="the alias to resolve")] = "champion",
+    params: OptionalParamsOption = None,
+) -> None:
+    """Print the pinned reference models:/NAME/VERSION that the alias points at now.
+
+    Use it as the next check's old model: `dvc exp run -S train_old.reference=$(rcat champion)`. An
+    alias reference keeps its text when the alias moves, so DVC would not see the new champion.
+    """
+    from rcat.registry import pinned_reference
+    from rcat.tracking import tracking_uri
+
+    config = _params_or_defaults(params)
+    name = name or config.tracking.registered_model
+    if not name:
+        raise RcatError("no registered model: pass --name or set tracking.registered_model in params.yaml")
+    print(pinned_reference(name, alias, tracking_uri(config.tracking)))
+
+
 def _load_reference(reference: str, samples: Any, device: Any, config: Any, mean: str | None, std: str | None) -> Any:
     """Load a model reference for the data in ``samples``; factories named by the params are trusted."""
     from rcat.models import FACTORY_PREFIX, check_model_on, load_model_reference

@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -234,11 +235,37 @@ def pinned_reference(name: str, alias: str = CHAMPION, tracking_uri: str | None 
 
     from rcat.errors import InputError
 
+    from rcat.errors import TrackingUnavailable
+    from rcat.tracking import HTTP_DEFAULTS, _is_tracking_failure, _is_transient, redact_uri
+
+    for variable, value in HTTP_DEFAULTS.items():  # fail in seconds, not after MLflow's minutes of retries
+        os.environ.setdefault(variable, value)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
         version = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, alias).version
     except Exception as exc:  # MlflowException (no such model or alias), connection errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if _is_tracking_failure(exc) and _is_transient(exc) and not isinstance(exc, OSError):
+            # the store did not answer: a transient failure (exit code 4, retried by the flow), not bad input
+            raise TrackingUnavailable(f"models:/{name}@{alias}: MLflow at {redact_uri(str(uri or 'the default store'))} did not answer ({first}); "
+                                      "start it or point MLFLOW_TRACKING_URI at a running one") from exc
         raise InputError(f"models:/{name}@{alias}: cannot resolve it in MLflow ({first}); run a passing update check first, "
                          "or check MLFLOW_TRACKING_URI") from exc
     return f"models:/{name}/{version}"
+
+
+ALIAS_REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+
+def pin_alias(reference: str | None, tracking_uri: str | None = None) -> str | None:
+    """``models:/<name>@<alias>`` becomes the ``models:/<name>/<version>`` the alias points at now;
+    any other reference (or None) is returned unchanged.
+
+    Why: DVC and the update check's key see the params' text. An alias keeps its text when it
+    moves, so a check given ``models:/x@champion`` after a promotion would reuse the previous old
+    model's outputs; the pinned version changes the text exactly when the champion changes.
+    """
+    if reference is None:
+        return None
+    match = ALIAS_REFERENCE.match(reference.strip())
+    return reference if match is None else pinned_reference(match["name"], match["alias"], tracking_uri)

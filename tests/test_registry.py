@@ -312,3 +312,40 @@ def test_registry_refuses_incomplete_or_malformed_decisions(tmp_path):
     assert registry_refusal(good, disabled) == "tracking is disabled"
     unnamed = parse_params(reduced_params(tmp_path) | {"tracking": {"registered_model": None}})
     assert "registered_model is null" in registry_refusal(good, unnamed)
+
+
+def test_alias_references_are_pinned_to_the_version_they_point_at(tmp_path, monkeypatch):
+    """`models:/name@alias` -> `models:/name/<version>` (the flow writes that into params.yaml, so DVC sees
+    the champion move); other references pass through; an unknown alias is bad input; a dead server is
+    a tracking failure (exit 4), not bad input; `rcat champion` prints the pinned reference."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from rcat.cli import app
+    from rcat.errors import InputError, TrackingUnavailable
+    from rcat.registry import pin_alias
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", source=str(tmp_path))
+    client.set_registered_model_alias("m", "champion", "2")
+
+    assert pin_alias("models:/m@champion", uri) == "models:/m/2"
+    client.set_registered_model_alias("m", "champion", "3")
+    assert pin_alias("models:/m@champion", uri) == "models:/m/3"  # follows the alias when it moves
+    for unchanged in (None, "models:/m/1", "runs:/abc/model", "data/models/old.safetensors", "factory:pkg.mod:build@w.safetensors"):
+        assert pin_alias(unchanged, uri) == unchanged
+    with pytest.raises(InputError, match="models:/m@nope"):
+        pin_alias("models:/m@nope", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(TrackingUnavailable, match="did not answer"):
+        pin_alias("models:/m@champion", f"http://127.0.0.1:{_free_port()}")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = CliRunner().invoke(app, ["champion", "--name", "m"])
+    assert result.exit_code == 0 and result.stdout.strip() == "models:/m/3", result.output
+    result = CliRunner().invoke(app, ["champion", "--name", "m", "--alias", "nope"])
+    assert result.exit_code == 2 and "models:/m@nope" in result.output
+

@@ -200,3 +200,23 @@ def test_serve_refuses_the_temporary_server(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "PREFECT_API_URL is not set" in result.stderr and "prefect server start" in result.stderr
+
+
+def test_update_check_writes_the_pinned_champion(tmp_path, monkeypatch):
+    """The flow's overrides step writes `models:/m/<version>`, not the alias, into params.yaml."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_registered_model("m")
+    client.create_model_version("m", source=str(tmp_path))
+    client.set_registered_model_alias("m", "champion", "1")
+    from conftest import reduced_params
+
+    raw = reduced_params(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    changed = apply_overrides.fn(str(tmp_path), champion="models:/m@champion")
+    assert changed == ["train_old.reference"]
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train_old"]["reference"] == "models:/m/1"
