@@ -197,6 +197,11 @@ class TrainConfig(Section):
     ``factory:module.path:callable@WEIGHTS`` (WEIGHTS a ``.safetensors`` file or a state dict,
     loaded without unpickling code), or ``torchscript:PATH`` (evaluation only). ``normalization``
     wraps a referenced model so that it takes inputs in [0, 1].
+
+    ``attack_warmup_epochs``: the training attack's eps grows linearly over the first N epochs
+    (epoch e in 1..N uses ``eps * e / N``; the step size scales with it unless set). Adversarial
+    training from scratch at a large eps (CIFAR-10 at 8/255 with FGSM) can collapse to a constant
+    prediction in its first epoch; ramping eps up is the usual remedy. 0: full eps from the start.
     """
 
     reference: str | None = None
@@ -209,6 +214,7 @@ class TrainConfig(Section):
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     batch_size: Annotated[int, Field(ge=1)] = 64
     attack: AttackConfig = AttackConfig(name="pgd", loss="ce", steps=7)
+    attack_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
 
 

@@ -10,6 +10,7 @@ eval mode while attacking (torchattacks switches and restores it).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from rcat.attacks import training_attack
-from rcat.config import FinetuneConfig, MethodConfig, TrainConfig
+from rcat.config import AttackConfig, FinetuneConfig, MethodConfig, TrainConfig
 from rcat.data import Split
 from rcat.losses import LossTerms, at_loss, pct_loss, rcat_loss
 
@@ -79,12 +80,27 @@ def _epochs(
     return history
 
 
+def warmed_up(attack: AttackConfig, fraction: float) -> AttackConfig:
+    """``attack`` at ``fraction`` of its eps (and of its step size, when one is set)."""
+    update: dict[str, float] = {"eps": attack.eps * fraction}
+    if attack.step_size is not None:
+        update["step_size"] = attack.step_size * fraction
+    return attack.model_copy(update=update)
+
+
 def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, device: torch.device, on_epoch: EpochCallback | None = None) -> TrainingHistory:
     """Adversarial training from scratch: CE on the training attack's points (Madry et al. with PGD by default)."""
     network.to(device)
-    perturb = training_attack(network, config.attack, split.num_classes)
+    steps_per_epoch = math.ceil(len(split) / config.batch_size)
+    warmup = config.attack_warmup_epochs
+    # one attack per warm-up epoch (eps * e / N), then the configured one
+    attacks = [training_attack(network, warmed_up(config.attack, (epoch + 1) / warmup), split.num_classes) for epoch in range(warmup)]
+    attacks.append(training_attack(network, config.attack, split.num_classes))
+    steps_taken = [0]
 
     def step(x: torch.Tensor, y: torch.Tensor, step_seed: int, positions: torch.Tensor) -> tuple[LossTerms, torch.Tensor]:
+        perturb = attacks[min(steps_taken[0] // steps_per_epoch, warmup)]
+        steps_taken[0] += 1
         logits = network(perturb(x, y, step_seed))
         return at_loss(logits, y), logits
 

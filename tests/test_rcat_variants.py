@@ -142,3 +142,39 @@ def test_grid_method_keeps_the_point_with_the_lowest_validation_snfr(tmp_path, m
     single = parse_params(raw)
     assert pipeline.finetune_method(single, "single", layout) == digest
     assert load_model(layout.finetuned("family")).metadata["alpha"] == str(grid[kept]["alpha"])
+
+
+def test_training_attack_eps_warms_up_linearly(tiny_split, monkeypatch):
+    """attack_warmup_epochs N: epoch e <= N attacks at eps * e / N (step size scaled when set), then full eps;
+    0 keeps the configured attack from the first step."""
+    import rcat.finetune as finetune_module
+    from rcat.config import TrainConfig
+    from rcat.models import mlp
+
+    used = []
+    original = finetune_module.training_attack
+
+    def recording(network, config, num_classes):
+        perturb = original(network, config, num_classes)
+
+        def call(x, y, step_seed):
+            used.append((config.eps, config.step_size))
+            return perturb(x, y, step_seed)
+
+        return call
+
+    monkeypatch.setattr(finetune_module, "training_attack", recording)
+    batch_size = 64
+    steps_per_epoch = -(-len(tiny_split) // batch_size)
+    attack = {"name": "fgsm_rs", "loss": "ce", "eps": 0.2, "step_size": 0.25}
+    config = TrainConfig(epochs=4, batch_size=batch_size, attack=attack, attack_warmup_epochs=2, lr=0.01)
+    finetune_module.adversarial_train(mlp((1, 8, 8), 10), tiny_split, config, torch.device("cpu"))
+    per_epoch = [used[e * steps_per_epoch:(e + 1) * steps_per_epoch] for e in range(4)]
+    assert len(used) == 4 * steps_per_epoch
+    for epoch, expected_eps in enumerate((0.1, 0.2, 0.2, 0.2)):
+        assert [eps for eps, _ in per_epoch[epoch]] == pytest.approx([expected_eps] * steps_per_epoch)
+        assert [step for _, step in per_epoch[epoch]] == pytest.approx([expected_eps * 1.25] * steps_per_epoch)
+
+    used.clear()
+    finetune_module.adversarial_train(mlp((1, 8, 8), 10), tiny_split, TrainConfig(epochs=2, batch_size=batch_size, attack=attack, lr=0.01), torch.device("cpu"))
+    assert {eps for eps, _ in used} == {0.2}
