@@ -1,8 +1,10 @@
 """The attack engine: chunked = whole, content-addressed reuse, kill-and-resume, corrupt shards,
-ensembles (worst case, broken_by, only still-robust samples attacked), Dask scale-out."""
+ensembles (worst case, broken_by, only still-robust samples attacked), Dask scale-out, the run
+summary and the progress output."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -354,7 +356,84 @@ def test_dask_workers_give_the_single_process_result(trained_mlp, tiny_split, tm
     environment = {key: os.environ.get(key) for key in watched}
     distributed = chunked(network, tiny_split, APGD, tmp_path / "dask", chunk_size=32, workers=2)
     pd.testing.assert_frame_equal(distributed, single)
+    summary = engine.summary_of(distributed)
+    assert (summary.workers, summary.chunks_computed, summary.robust_accuracy) == (2, 4, engine.summary_of(single).robust_accuracy)
     # the local cluster's worker variables do not leak into this process (and so into its later subprocesses)
     assert {key: os.environ.get(key) for key in watched} == environment
     key_dir = next((tmp_path / "dask").iterdir())
     assert (key_dir / "manifest.json").is_file() and len(list(key_dir.glob("chunk-*.parquet"))) == 4
+
+
+# ---------------------------------------------------------------- summary and progress
+
+
+def test_every_frame_carries_a_run_summary_and_the_manifest_records_it(trained_mlp, tiny_split, tmp_path):
+    network, _ = trained_mlp
+    first = chunked(network, tiny_split, APGD, tmp_path)
+    summary = engine.summary_of(first)
+    assert summary is not None and summary.key == next(tmp_path.iterdir()).name
+    assert (summary.samples, summary.chunks, summary.chunks_computed, summary.chunks_reused, summary.samples_computed, summary.workers) == (120, 4, 4, 0, 120, 1)
+    assert summary.robust_accuracy == pytest.approx(first["robust"].mean()) and summary.clean_accuracy == pytest.approx(first["clean_correct"].mean())
+    assert summary.seconds > 0 and summary.samples_per_second == pytest.approx(120 / summary.seconds)
+    metrics = summary.metrics()
+    assert set(metrics) == {"samples", "seconds", "samples_per_s", "robust_accuracy", "clean_accuracy", "chunks_computed", "chunks_reused",
+                            "samples_computed", "workers"}
+    assert all(isinstance(value, float) for value in metrics.values())
+    manifest = json.loads((next(tmp_path.iterdir()) / "manifest.json").read_text())
+    assert manifest["summary"]["chunks_computed"] == 4 and manifest["summary"]["robust_accuracy"] == pytest.approx(summary.robust_accuracy)
+    assert sum(chunk["robust"] for chunk in manifest["chunks"]) == int(first["robust"].sum())
+    # a rerun reuses every chunk; its summary says so (the manifest keeps the computing run's)
+    again = engine.summary_of(chunked(network, tiny_split, APGD, tmp_path))
+    assert (again.chunks_computed, again.chunks_reused, again.samples_computed) == (0, 4, 0)
+    assert again.robust_accuracy == summary.robust_accuracy
+    assert json.loads((next(tmp_path.iterdir()) / "manifest.json").read_text())["summary"]["chunks_computed"] == 4
+    assert engine.summary_of(pd.DataFrame()) is None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Pipe(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("progress", [None, True])
+def test_progress_bar_on_a_terminal_shows_rate_and_robust_accuracy(trained_mlp, tiny_split, tmp_path, monkeypatch, progress):
+    network, _ = trained_mlp
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    frame = chunked(network, tiny_split, APGD, tmp_path, progress=progress)
+    text = terminal.getvalue()
+    final = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert "120/120" in final and "samples/s" in final, final
+    assert f"robust acc {frame['robust'].mean():.4f}" in final, final
+
+
+def test_progress_without_a_terminal_prints_lines_only_when_asked(trained_mlp, tiny_split, tmp_path, monkeypatch):
+    network, _ = trained_mlp
+    pipe = _Pipe()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    chunked(network, tiny_split, APGD, tmp_path / "quiet")  # default: no terminal, no output (DVC and CI logs stay clean)
+    chunked(network, tiny_split, APGD, tmp_path / "off", progress=False)
+    assert pipe.getvalue() == ""
+    frame = chunked(network, tiny_split, APGD, tmp_path / "lines", progress=True)
+    lines = pipe.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in pipe.getvalue()
+    assert lines[0].endswith(f"chunk 1/4 computed; 32/120 samples, {lines[0].split(', ')[1]}, robust accuracy so far {frame['robust'][:32].mean():.4f}")
+    assert "samples/s" in lines[0] and lines[-1].endswith(f"robust accuracy so far {frame['robust'].mean():.4f}")
+    pipe.truncate(0)
+    pipe.seek(0)
+    chunked(network, tiny_split, APGD, tmp_path / "lines", progress=True)
+    assert pipe.getvalue().splitlines() == [lines[0].split("]")[0] + "] 4/4 chunks reused from the cache"]
+
+
+def test_task_groups_cover_every_chunk_in_order():
+    jobs = [(i, 32 * i) for i in range(10)]
+    groups = engine.task_groups(jobs, workers=2, per_worker=4)
+    assert len(groups) == 8 and [job for group in groups for job in group] == jobs
+    assert sorted(len(group) for group in groups) == [1] * 6 + [2] * 2
+    assert engine.task_groups(jobs[:3], workers=2) == [[job] for job in jobs[:3]]
+    assert engine.task_groups(jobs, workers=1, per_worker=1) == [jobs]
