@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sample and short attacks: finishes within a minute")
     parser.add_argument("--no-dask", action="store_true", help="skip the 2-worker scale-out measurement")
+    parser.add_argument("--skip-ensemble", action="store_true", help="skip the ensemble comparison (ratio_vs_plain_realistic: null)")
+    parser.add_argument("--only-scaleout", action="store_true", help="only the scale-out figures (the others: null); 1-thread runs "
+                        "suffer less than 2-thread ones from other work on a shared machine")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the single-attack and ensemble comparisons "
+                        "(default: torch's, one per core); 1 keeps them meaningful when other work loads the machine, where "
+                        "2-thread runs slow down many times over (OpenMP threads waiting on a busy core)")
     parser.add_argument("--memory", action="store_true", help="also run benchmarks/attack_memory.py (all 50,000 CIFAR-10 images)")
     args = parser.parse_args(argv)
 
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         accuracy = float((network(images).argmax(1) == labels).float().mean())
     print(f"model: small CNN (16-32 channels), trained clean {epochs} epochs on the same images; clean accuracy {accuracy:.3f}", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}, CPU cores: {os.cpu_count()}; {load()}", flush=True)
     load_start = os.getloadavg()[0]
     split = (images, labels, sample_index)
@@ -192,37 +200,42 @@ def main(argv: list[str] | None = None) -> int:
     ])
 
     # (a) single attack: plain loop doing the same work vs the engine (first run, then cached rerun)
-    repeat = 3 if args.quick else 1
-    warm = (images[:batch], labels[:batch], sample_index[:batch])
-    timed_engine(network, warm, single, workdir / "cache-warmup-1p", batch, seed)
-    plain_loop(network, images[:batch], labels[:batch], [single], batch, seed, skip_mistakes=True)
-    fresh = iter(range(1_000))
-    (plain_same, _), (first, frame) = best_of(
-        repeat,
-        lambda: (plain_loop(network, images, labels, [single], batch, seed, skip_mistakes=True), None),
-        lambda: timed_engine(network, split, single, workdir / f"cache-{next(fresh)}", chunk, seed),
-    )
-    plain_all = plain_loop(network, images, labels, [single], batch, seed, skip_mistakes=False)
-    cache = workdir / "cache-rerun"
-    timed_engine(network, split, single, cache, chunk, seed)
-    rerun, again = timed_engine(network, split, single, cache, chunk, seed)
-    assert again.equals(frame)
+    plain_same = first = rerun = None
     n = len(labels)
-    summary = summary_of(frame)
-    print(f"single attack {single.label()} on {n} samples ({load()}{'; fastest of 3' if repeat > 1 else ''}):", flush=True)
-    print(f"  plain loop, clean-correct samples only: {plain_same:.2f} s ({n / plain_same:.0f} samples/s)")
-    print(f"  plain loop, every sample:               {plain_all:.2f} s ({n / plain_all:.0f} samples/s)")
-    print(f"  engine, first run (chunk {chunk}):       {first:.2f} s ({n / first:.0f} samples/s)")
-    print(f"  engine, cached rerun:                   {rerun:.3f} s ({rerun / first:.2%} of the first run)")
-    print(f"  engine summary: {summary.metrics()}", flush=True)
+    if not args.only_scaleout:
+        repeat = 3 if args.quick else 1
+        warm = (images[:batch], labels[:batch], sample_index[:batch])
+        timed_engine(network, warm, single, workdir / "cache-warmup-1p", batch, seed)
+        plain_loop(network, images[:batch], labels[:batch], [single], batch, seed, skip_mistakes=True)
+        fresh = iter(range(1_000))
+        (plain_same, _), (first, frame) = best_of(
+            repeat,
+            lambda: (plain_loop(network, images, labels, [single], batch, seed, skip_mistakes=True), None),
+            lambda: timed_engine(network, split, single, workdir / f"cache-{next(fresh)}", chunk, seed),
+        )
+        plain_all = plain_loop(network, images, labels, [single], batch, seed, skip_mistakes=False)
+        cache = workdir / "cache-rerun"
+        timed_engine(network, split, single, cache, chunk, seed)
+        rerun, again = timed_engine(network, split, single, cache, chunk, seed)
+        assert again.equals(frame)
+        n = len(labels)
+        summary = summary_of(frame)
+        print(f"single attack {single.label()} on {n} samples ({load()}{'; fastest of 3' if repeat > 1 else ''}):", flush=True)
+        print(f"  plain loop, clean-correct samples only: {plain_same:.2f} s ({n / plain_same:.0f} samples/s)")
+        print(f"  plain loop, every sample:               {plain_all:.2f} s ({n / plain_all:.0f} samples/s)")
+        print(f"  engine, first run (chunk {chunk}):       {first:.2f} s ({n / first:.0f} samples/s)")
+        print(f"  engine, cached rerun:                   {rerun:.3f} s ({rerun / first:.2%} of the first run)")
+        print(f"  engine summary: {summary.metrics()}", flush=True)
 
     # (b) realistic: ensemble with clean-mistake skip and only-still-robust, vs every attack on every sample
-    plain_ensemble = plain_loop(network, images, labels, ensemble.members(), batch, seed, skip_mistakes=False)
-    engine_ensemble, ens_frame = timed_engine(network, split, ensemble, workdir / "cache-ensemble", chunk, seed)
-    print(f"ensemble {ensemble.label()} ({load()}):", flush=True)
-    print(f"  plain loop, every attack on every sample: {plain_ensemble:.2f} s")
-    print(f"  engine (skip mistakes, only still-robust): {engine_ensemble:.2f} s; robust accuracy {ens_frame['robust'].mean():.3f}; "
-          f"broken by: {ens_frame['broken_by'].replace('', 'none').value_counts().to_dict()}", flush=True)
+    plain_ensemble = engine_ensemble = None
+    if not (args.skip_ensemble or args.only_scaleout):
+        plain_ensemble = plain_loop(network, images, labels, ensemble.members(), batch, seed, skip_mistakes=False)
+        engine_ensemble, ens_frame = timed_engine(network, split, ensemble, workdir / "cache-ensemble", chunk, seed)
+        print(f"ensemble {ensemble.label()} ({load()}):", flush=True)
+        print(f"  plain loop, every attack on every sample: {plain_ensemble:.2f} s")
+        print(f"  engine (skip mistakes, only still-robust): {engine_ensemble:.2f} s; robust accuracy {ens_frame['robust'].mean():.3f}; "
+              f"broken by: {ens_frame['broken_by'].replace('', 'none').value_counts().to_dict()}", flush=True)
 
     # (c) scale-out: 2 Dask workers vs 1, same attack, fresh caches, one batch per chunk (balance). "1 worker" = one torch thread in
     # process, as each Dask worker runs (results are bit-identical only at equal thread counts:
@@ -264,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"total benchmark wall time {time.perf_counter() - began:.1f} s; {load()}", flush=True)
     figures = {
-        "ratio_vs_plain": round(plain_same / first, 3),
-        "ratio_vs_plain_realistic": round(plain_ensemble / engine_ensemble, 3),
+        "ratio_vs_plain": None if first is None else round(plain_same / first, 3),
+        "ratio_vs_plain_realistic": None if engine_ensemble is None else round(plain_ensemble / engine_ensemble, 3),
         "scaleout_2w_vs_1w": None if scaleout is None else round(scaleout, 3),
-        "cached_rerun_fraction": round(rerun / first, 4),
+        "cached_rerun_fraction": None if first is None else round(rerun / first, 4),
         "peak_rss_mb": round(peak_rss_mb, 1),
         "scaleout_2w_vs_1proc_2threads": None if scaleout_2threads is None else round(scaleout_2threads, 3),
         "peak_rss_mb_50k": peak_50k,
