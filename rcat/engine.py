@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -57,7 +58,17 @@ from torch import nn
 from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
 from rcat.config import AttackConfig
 from rcat.errors import InputError
-from rcat.safe_io import parquet_metadata, read_json, read_parquet, sha256_file, sha256_json, sha256_tensors, write_json, write_parquet, write_tensors
+from rcat.safe_io import (
+    parquet_metadata,
+    read_json,
+    read_parquet,
+    sha256_file,
+    sha256_json,
+    sha256_tensors,
+    write_json,
+    write_parquet,
+    write_tensors,
+)
 
 ENGINE_FORMAT_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
@@ -486,10 +497,10 @@ def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.T
     driver as each chunk's task completes (progress).
     """
     try:
+        from distributed import as_completed
         from prefect import flow, task
         from prefect.cache_policies import NONE
         from prefect.context import FlowRunContext
-        from distributed import as_completed
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a declared dependency
         raise InputError(f"engine.workers > 1 / engine.dask_address need prefect-dask ({exc}); pip install 'prefect-dask>=0.3'") from exc
@@ -527,7 +538,7 @@ def _attack_chunks_flow(token: str) -> list[dict[str, Any]]:
     def payload(group: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # the group's rows only (cloned: a view would pickle the split's whole storage)
         spans = [(start, min(start + chunk_size, n_samples)) for _, start in group]
-        if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        if all(a[1] == b[0] for a, b in itertools.pairwise(spans)):
             first, last = spans[0][0], spans[-1][1]
             return images[first:last].clone(), labels[first:last].clone(), sample_index[first:last].clone()
         rows = torch.cat([torch.arange(a, b) for a, b in spans])
