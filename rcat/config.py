@@ -113,14 +113,16 @@ class EngineConfig(Section):
     ``cache_dir`` must live outside DVC outputs (``dvc repro`` deletes a stage's outs before
     rerunning it, which would throw the resumable cache away). ``chunk_size`` must be a multiple
     of the attack's ``batch_size``. ``workers > 1`` or a ``dask_address`` distribute chunks as
-    Prefect tasks on Dask (a local cluster, or the scheduler at ``dask_address``).
+    Prefect tasks on Dask (a local cluster, or the scheduler at ``dask_address``). ``progress``:
+    ``null`` shows a progress bar (samples/s, robust accuracy so far) when stderr is a terminal,
+    ``true`` prints one line per chunk (for logs), ``false`` prints nothing.
     """
 
     cache_dir: str = ".rcat_cache/attacks"
     chunk_size: Annotated[int, Field(ge=1)] = 1024
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     dask_address: str | None = None
-    progress: bool = False
+    progress: bool | None = None
 
     @field_validator("cache_dir")
     @classmethod

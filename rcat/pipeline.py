@@ -22,7 +22,7 @@ from rcat.config import AttackConfig, EngineConfig, MethodConfig, Params
 from rcat.data import SPLIT_NAMES, Split, load_dataset, load_split, save_split, split_dataset, subsample
 from rcat.decision import best_grid_point
 from rcat.decision import decide as decide_update
-from rcat.engine import run_attack
+from rcat.engine import run_attack, summary_of
 from rcat.errors import InputError, UpdateRejected
 from rcat.finetune import adversarial_train, finetune
 from rcat.metrics import compare_outcomes
@@ -188,6 +188,10 @@ def import_model(params: Params, role: str, layout: Layout, tracker: Tracker | N
 # ---------------------------------------------------------------- baseline attack cache
 
 
+ENGINE_SUMMARIES = "rcat.engine_by_split"
+"""``DataFrame.attrs`` key of :func:`attack_model_on_splits`' result: the engine's run summary per split."""
+
+
 def attack_model_on_splits(model: LoadedModel, role: str, splits: dict[str, Split], attack: AttackConfig, seed: int, device: torch.device,
                            engine: EngineConfig | None = None) -> pd.DataFrame:
     """Per-sample outcomes of ``model`` under its own white-box attack on each split (long format).
@@ -199,12 +203,18 @@ def attack_model_on_splits(model: LoadedModel, role: str, splits: dict[str, Spli
     engine = engine if engine is not None else EngineConfig()
     chunk_size = engine.effective_chunk_size(attack.batch_size)
     frames = []
+    summaries: dict[str, dict[str, float]] = {}
     for split in splits.values():
         check_model_on(model, split.images, split.num_classes, f"split {split.name}")
         frames.append(run_attack(model.network, split, attack, num_classes=split.num_classes, seed=seed, provenance=_provenance(split, model, role),
                                  device=device, cache_dir=engine.cache_dir, chunk_size=chunk_size, progress=engine.progress,
                                  workers=engine.workers, dask_address=engine.dask_address))
-    return pd.concat(frames, ignore_index=True)
+        summary = summary_of(frames[-1])
+        if summary is not None:
+            summaries[split.name] = summary.metrics()
+    result = pd.concat(frames, ignore_index=True)
+    result.attrs[ENGINE_SUMMARIES] = summaries  # concat drops each frame's own attrs
+    return result
 
 
 def _split_metrics(old: pd.DataFrame, new: pd.DataFrame, splits: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
@@ -239,6 +249,8 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
         with tracker.child("attack_cache", "stage") as run:
             run.params({"attack": params.attack.label(), **{f"attack.{k}": v for k, v in params.attack.identity().items()}})
             run.metrics({f"{split}/{role}/robust_accuracy": float(df[df["split"] == split]["robust"].mean()) for role, df in outcomes.items() for split in SPLIT_NAMES})
+            # the attack engine's figures per model and split: engine/<role>/<split>/samples_per_s, chunks_reused, ...
+            run.metrics({"engine": {role: df.attrs.get(ENGINE_SUMMARIES, {}) for role, df in outcomes.items()}})
             run.artifact(layout.attack_cache / "outcomes.parquet")
         with tracker.child("candidate:new", "candidate") as run:
             run.params({"method": "new", "loss": "none"})

@@ -62,6 +62,12 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     assert parent.data.tags["rcat.verdict"] == decision["verdict"]
     children = {run.data.tags["rcat.child"]: run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {f"candidate:{m}" for m in [*methods, "new"]} <= set(children)
+    # the attack engine's figures, per model and split, on the attack_cache stage's run
+    engine = children["attack_cache"].data.metrics
+    for role in ("old", "new"):
+        assert engine[f"engine/{role}/test/samples"] == 360
+        assert engine[f"engine/{role}/test/samples_per_s"] > 0
+        assert engine[f"engine/{role}/test/robust_accuracy"] == pytest.approx(engine[f"test/{role}/robust_accuracy"])
     for method in methods:
         child = children[f"candidate:{method}"]
         assert child.data.params["loss"] == params["finetune"]["methods"][method]["loss"]
