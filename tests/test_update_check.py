@@ -64,11 +64,11 @@ def test_apply_overrides_rewrites_only_changes_keeping_comments(params_file):
     project = str(params_file.parent)
     original = params_file.read_text()
     raw = yaml.safe_load(original)
-    changed = apply_overrides.fn(project, champion="models:/digits@champion", rules=DecisionRules.model_validate({"max_rnfr": 0.1}))
+    changed = apply_overrides.fn(project, champion="models:/digits/3", rules=DecisionRules.model_validate({"max_rnfr": 0.1}))
 
     assert changed == ["train_old.reference", "decision.rules.max_rnfr"]
     text = params_file.read_text()
-    expected = overridden_params(raw, champion="models:/digits@champion", rules=DecisionRules.model_validate({"max_rnfr": 0.1}))
+    expected = overridden_params(raw, champion="models:/digits/3", rules=DecisionRules.model_validate({"max_rnfr": 0.1}))
     assert yaml.safe_load(text) == expected
     assert load_params(params_file).decision.rules.max_rnfr == 0.1
     # every comment of the file survives, and only the two changed lines differ
@@ -80,7 +80,7 @@ def test_apply_overrides_rewrites_only_changes_keeping_comments(params_file):
 
     # the same overrides again: nothing to change, the file is not rewritten
     before = params_file.stat().st_mtime_ns
-    assert apply_overrides.fn(project, champion="models:/digits@champion") == []
+    assert apply_overrides.fn(project, champion="models:/digits/3") == []
     assert params_file.stat().st_mtime_ns == before
 
 
