@@ -87,12 +87,8 @@ def reduced_params(tmp_root: Path, **overrides) -> dict:
     return params
 
 
-@pytest.fixture
-def pipeline_workspace(tmp_path, monkeypatch):
-    """A temporary copy of the project (code, dvc.yaml, reduced params) as a git + DVC repository."""
-    import subprocess
-
-    work = tmp_path / "project"
+def copy_project(work: Path) -> Path:
+    """A new directory ``work`` holding what the pipeline runs from: dvc.yaml, stages/ and rcat/."""
     work.mkdir()
     for name in ("dvc.yaml", "stages", "rcat"):
         source = REPO_ROOT / name
@@ -100,6 +96,15 @@ def pipeline_workspace(tmp_path, monkeypatch):
             shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, work / name)
+    return work
+
+
+@pytest.fixture
+def pipeline_workspace(tmp_path, monkeypatch):
+    """A temporary copy of the project (code, dvc.yaml, reduced params) as a git + DVC repository."""
+    import subprocess
+
+    work = copy_project(tmp_path / "project")
     (work / "data").mkdir()
     (work / "data" / ".gitignore").write_text("/*\n!/.gitignore\n")
     (work / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/mlartifacts/\n")

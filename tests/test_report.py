@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, reduced_params
+from conftest import copy_project, reduced_params
 
 METHODS = {"at": {"loss": "at"}, "rcat": {"loss": "rcat", "alpha": 0.5, "beta": 0.4}}
 
@@ -70,14 +70,7 @@ def report_run(tmp_path_factory):
     from rcat.config import parse_params
     from rcat.report import build_report
 
-    work = tmp_path_factory.mktemp("report") / "project"
-    work.mkdir()
-    for name in ("dvc.yaml", "stages", "rcat"):
-        source = REPO_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, work / name)
+    work = copy_project(tmp_path_factory.mktemp("report") / "project")
     raw = reduced_params(work)
     raw["tracking"]["enabled"] = False
     raw["device"] = "cpu"
