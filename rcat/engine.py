@@ -201,8 +201,8 @@ def _columns(config: AttackConfig) -> list[str]:
 
 def compute_chunk(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig, *,
                   num_classes: int, seed: int, device: torch.device | str, offset: int, directory: Path, index: int, key: str,
-                  save_adversarial: bool) -> dict[str, Any]:
-    """Attack one chunk (positions ``offset``... of the split) and write its shard; return the shard's record."""
+                  save_adversarial: bool) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Attack one chunk (positions ``offset``... of the split) and write its shard; return the shard's record and frame."""
     provenance = {"split": "-", "model": "-", "model_digest": "-", "split_digest": "-"}
     began = time.perf_counter()
     result = attack_outcomes(network, images, labels, sample_index, config, num_classes=num_classes, seed=seed, provenance=provenance,
@@ -216,18 +216,27 @@ def compute_chunk(network: nn.Module, images: torch.Tensor, labels: torch.Tensor
     path = write_parquet(directory / shard_name(index), frame, metadata)
     del result, adversarial
     release_free_memory()
-    return {"file": path.name, "rows": len(frame), "sha256": sha256_file(path), "seconds": round(time.perf_counter() - began, 3),
-            "torch_threads": torch.get_num_threads(), "robust": int(frame["robust"].sum()), "clean_correct": int(frame["clean_correct"].sum())}
+    record = {"file": path.name, "rows": len(frame), "sha256": sha256_file(path), "seconds": round(time.perf_counter() - began, 3),
+              "torch_threads": torch.get_num_threads(), "robust": int(frame["robust"].sum()), "clean_correct": int(frame["clean_correct"].sum())}
+    return record, frame
+
+
+TRIM_GROWTH_BYTES = 32 * 2**20
+"""Resident growth since the last trim above which :func:`release_free_memory` trims the heap."""
 
 
 def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) when the resident size grew by
+    more than :data:`TRIM_GROWTH_BYTES` since the last trim; a no-op elsewhere than glibc.
 
     An attack allocates and frees tens of MB per batch (activations, gradients); glibc keeps the
-    freed pages in its arenas, so without this the resident size grows chunk after chunk (by
-    about 250 MB over 50,000 CIFAR images, measured) although nothing is held.
+    freed pages in its arenas, and fragmentation makes the resident size creep up chunk after
+    chunk (by about 250 MB over 50,000 CIFAR images without trimming, measured) although nothing
+    is held. Trimming after every chunk bounds that, but costs 1-4% of the attack's time: the
+    next chunk faults every released page in again. Trimming only past a growth threshold keeps
+    the bound (threshold plus one chunk's transients) and pays the faults rarely.
     """
-    global _MALLOC_TRIM
+    global _MALLOC_TRIM, _TRIMMED_AT
     if _MALLOC_TRIM is None:
         try:
             import ctypes
@@ -235,11 +244,26 @@ def release_free_memory() -> None:
             _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    if not _MALLOC_TRIM:
+        return
+    resident = resident_bytes()
+    if resident is not None and _TRIMMED_AT is not None and resident - _TRIMMED_AT <= TRIM_GROWTH_BYTES:
+        return
+    _MALLOC_TRIM(0)
+    _TRIMMED_AT = resident_bytes()
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size in bytes (Linux ``/proc/self/statm``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 _MALLOC_TRIM: Any = None
+_TRIMMED_AT: int | None = None
 
 
 def _load_shard(path: Path, key: str, expected_index: np.ndarray, sha256: str | None, columns: list[str]) -> tuple[pd.DataFrame | None, str]:
@@ -351,15 +375,17 @@ def run_attack(
             if n_workers != 1:
                 run_chunks_on_dask(network, images, labels, sample_index, config, [(i, starts[i]) for i in todo], chunk_size, common,
                                    workers=workers, address=dask_address, on_done=done)
+                for i in todo:  # written by the workers: the driver assembles what they wrote
+                    frame, reason = _load_shard(directory / shard_name(i), key, index_all[starts[i] : starts[i] + chunk_size], records[i]["sha256"], columns)
+                    if frame is None:
+                        raise RuntimeError(f"attack cache {directory / shard_name(i)}: the shard just written does not read back ({reason})")
+                    frames[i] = frame
             else:
                 for i in todo:
                     start, end = starts[i], starts[i] + chunk_size
-                    done(i, compute_chunk(network, images[start:end], labels[start:end], sample_index[start:end], config, offset=start, index=i, **common))
-            for i in todo:
-                frame, reason = _load_shard(directory / shard_name(i), key, index_all[starts[i] : starts[i] + chunk_size], records[i]["sha256"], columns)
-                if frame is None:
-                    raise RuntimeError(f"attack cache {directory / shard_name(i)}: the shard just written does not read back ({reason})")
-                frames[i] = frame
+                    record, frames[i] = compute_chunk(network, images[start:end], labels[start:end], sample_index[start:end], config,
+                                                      offset=start, index=i, **common)
+                    done(i, record)
     finally:
         meter.close()
     result = _assemble(frames, config, provenance, n_samples)
@@ -463,23 +489,23 @@ def _chunks_in_worker(network: nn.Module, images: torch.Tensor, labels: torch.Te
     records, local = [], 0
     for index, offset in jobs:
         rows = slice(local, local + min(chunk_size, int(labels.shape[0]) - local))
-        records.append(compute_chunk(network, images[rows], labels[rows], sample_index[rows], config, offset=offset, index=index, **common))
+        records.append(compute_chunk(network, images[rows], labels[rows], sample_index[rows], config, offset=offset, index=index, **common)[0])
         local = rows.stop
     return records
 
 
-def task_groups(jobs: list[tuple[int, int]], workers: int, per_worker: int = 4) -> list[list[tuple[int, int]]]:
-    """Consecutive chunks grouped into about ``per_worker`` tasks per worker (at least one chunk each).
+def task_groups(jobs: list[tuple[int, int]], workers: int) -> list[list[tuple[int, int]]]:
+    """Consecutive chunks grouped into tasks of decreasing size (guided scheduling), at least one chunk each.
 
-    Fewer, larger tasks than chunks: every Prefect task run costs a few API calls on the worker
-    and the server (measured about 0.1-0.3 s on 2 cores); a few tasks per worker still balance
-    the load when chunks take unequal times (APGD skips clean mistakes).
+    Each task takes ``ceil(remaining / (2 * workers))`` chunks: the first tasks are large (few
+    Prefect task runs, each costing a client, a context and a few events on 2 cores: about
+    0.1-0.2 s measured) and the last ones are single chunks, so that whichever worker frees first
+    takes the next and the workers finish within about one chunk of each other, even when chunks
+    take unequal times (APGD skips clean mistakes). 10 chunks on 2 workers: 3, 2, 2, 1, 1, 1.
     """
-    n_tasks = max(1, min(len(jobs), max(1, workers) * per_worker))
-    size, extra = divmod(len(jobs), n_tasks)
-    groups, position = [], 0
-    for t in range(n_tasks):
-        count = size + (1 if t < extra else 0)
+    groups, position, share = [], 0, 2 * max(1, workers)
+    while position < len(jobs):
+        count = -(-(len(jobs) - position) // share)
         groups.append(jobs[position : position + count])
         position += count
     return groups
@@ -487,12 +513,12 @@ def task_groups(jobs: list[tuple[int, int]], workers: int, per_worker: int = 4) 
 
 def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig,
                        jobs: list[tuple[int, int]], chunk_size: int, common: dict[str, Any], *, workers: int, address: str | None,
-                       on_done: Callable[[int, dict[str, Any]], None] | None = None, per_worker: int = 4) -> list[dict[str, Any]]:
+                       on_done: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Run chunks ``jobs`` (index, start) as Prefect tasks on a DaskTaskRunner; return their shard records in order.
 
     A local cluster of ``workers`` processes with one thread each, or the scheduler at ``address``.
     The network is scattered to every worker once (``client.scatter(broadcast=True)``); each task
-    carries only the tensors of its chunks (:func:`task_groups`: a few tasks per worker). Workers
+    carries only the tensors of its chunks (:func:`task_groups`: guided, a few tasks per worker). Workers
     write the shards, the caller writes the manifest. ``on_done(index, record)`` is called in the
     driver as each chunk's task completes (progress).
     """
@@ -501,6 +527,7 @@ def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.T
         from prefect import flow, task
         from prefect.cache_policies import NONE
         from prefect.context import FlowRunContext
+        from prefect.settings import temporary_settings
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a declared dependency
         raise InputError(f"engine.workers > 1 / engine.dask_address need prefect-dask ({exc}); pip install 'prefect-dask>=0.3'") from exc
@@ -513,11 +540,13 @@ def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.T
     token = uuid.uuid4().hex
     _DRIVER_RUNS[token] = {"network": network, "images": images, "labels": labels, "sample_index": sample_index, "config": config, "jobs": jobs,
                            "chunk_size": chunk_size, "common": common, "n_workers": None if address else workers, "on_done": on_done,
-                           "per_worker": per_worker, "task": task(_chunks_in_worker, name="attack-chunks", cache_policy=NONE, persist_result=False),
+                           "task": task(_chunks_in_worker, name="attack-chunks", cache_policy=NONE, persist_result=False),
                            "as_completed": as_completed, "context": FlowRunContext}
     attack_chunks = flow(_attack_chunks_flow, name="rcat-attack-chunks", task_runner=runner, validate_parameters=False, persist_result=False)
     try:
-        with prefect_api_for_workers(), dask_worker_environment():
+        # No heartbeats for this short internal flow: Prefect's heartbeat thread sleeps in 1 s
+        # steps and the flow's exit joins it, which added up to 1 s to every run (measured 0.7-0.8 s).
+        with prefect_api_for_workers(), dask_worker_environment(), temporary_settings(updates={"flows.heartbeat_frequency": None}):
             return attack_chunks(token)
     finally:
         _DRIVER_RUNS.pop(token, None)
@@ -553,7 +582,7 @@ def _attack_chunks_flow(token: str) -> list[dict[str, Any]]:
     [scattered] = client.scatter([run["network"]], broadcast=True, hash=False)
     try:
         futures = {run["task"].submit(scattered, *payload(group), run["config"], group, chunk_size, run["common"]): group
-                   for group in task_groups(jobs, size, run["per_worker"])}
+                   for group in task_groups(jobs, size)}
         results: dict[int, dict[str, Any]] = {}
         by_dask_future = {future.wrapped_future: future for future in futures}
         # distributed's as_completed (Prefect's waits forever on Dask futures, prefect-dask 0.3.7)
@@ -568,9 +597,31 @@ def _attack_chunks_flow(token: str) -> list[dict[str, Any]]:
         scattered.release()
 
 
+DASK_CONFIG = {
+    # one task per worker at a time; the others wait on the scheduler and go to whichever worker
+    # frees first (the default, 1.1, sends a second task ahead to each 1-thread worker, and the
+    # run then ends waiting on a worker that holds one task too many)
+    "distributed.scheduler.worker-saturation": 1.0,
+    # Periodic callbacks wake each worker's event loop, which then takes the GIL from the
+    # attack's thread and, with every core busy, preempts a compute process: the statistical
+    # profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor every 100 ms
+    # (worker and nanny) and the system monitor every 500 ms. With the defaults, two 1-thread
+    # workers running at once reached 1.76x of one alone on 2 cores; with these, 1.96x (measured).
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+"""Dask settings for the local cluster of ``engine.workers > 1`` (set while it is created; the
+scheduler and the workers' nannies read them then). Start the scheduler and workers of an existing
+cluster (``engine.dask_address``) with the same settings for the same balance."""
+
+
 @contextlib.contextmanager
 def dask_worker_environment() -> Iterator[None]:
-    """Spawn local Dask workers without ``MALLOC_TRIM_THRESHOLD_``, and leave this process's environment as it was.
+    """Create a local Dask cluster inside this context: workers spawned without
+    ``MALLOC_TRIM_THRESHOLD_``, :data:`DASK_CONFIG` applied, and this process's environment left
+    as it was.
 
     distributed's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; any value of it
     turns off glibc's dynamic mmap threshold, so every tensor above 128 KiB is mmap'ed and
@@ -587,7 +638,7 @@ def dask_worker_environment() -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in keys}
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **DASK_CONFIG}):
             yield
     finally:
         for key, value in saved.items():

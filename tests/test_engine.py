@@ -430,13 +430,14 @@ def test_progress_without_a_terminal_prints_lines_only_when_asked(trained_mlp, t
     assert pipe.getvalue().splitlines() == [lines[0].split("]")[0] + "] 4/4 chunks reused from the cache"]
 
 
-def test_task_groups_cover_every_chunk_in_order():
+def test_task_groups_are_guided_and_cover_every_chunk_in_order():
     jobs = [(i, 32 * i) for i in range(10)]
-    groups = engine.task_groups(jobs, workers=2, per_worker=4)
-    assert len(groups) == 8 and [job for group in groups for job in group] == jobs
-    assert sorted(len(group) for group in groups) == [1] * 6 + [2] * 2
+    groups = engine.task_groups(jobs, workers=2)
+    assert [len(group) for group in groups] == [3, 2, 2, 1, 1, 1]  # ceil(remaining / 4) each
+    assert [job for group in groups for job in group] == jobs
     assert engine.task_groups(jobs[:3], workers=2) == [[job] for job in jobs[:3]]
-    assert engine.task_groups(jobs, workers=1, per_worker=1) == [jobs]
+    assert [len(group) for group in engine.task_groups(jobs, workers=1)] == [5, 3, 1, 1]
+    assert engine.task_groups([], workers=2) == []
 
 
 def test_the_dask_flow_pickles_by_reference_so_tasks_do_not_carry_the_split():
@@ -448,3 +449,16 @@ def test_the_dask_flow_pickles_by_reference_so_tasks_do_not_carry_the_split():
     wrapped = flow(engine._attack_chunks_flow, name="probe", validate_parameters=False)
     assert len(pickle.dumps(wrapped.fn)) < 200
     assert engine._DRIVER_RUNS == {}  # nothing left behind by earlier runs in this process
+
+
+def test_free_memory_is_trimmed_only_after_the_resident_size_grew(monkeypatch):
+    trims: list[int] = []
+    resident = iter([100, 100, 100 + engine.TRIM_GROWTH_BYTES, 101 + engine.TRIM_GROWTH_BYTES, 50, 200 + engine.TRIM_GROWTH_BYTES, 60])
+    monkeypatch.setattr(engine, "_MALLOC_TRIM", lambda pad: trims.append(pad))
+    monkeypatch.setattr(engine, "_TRIMMED_AT", None)
+    monkeypatch.setattr(engine, "resident_bytes", lambda: next(resident))
+    engine.release_free_memory()  # the first call trims (100 read before, 100 after)
+    engine.release_free_memory()  # grew by exactly the threshold: no trim
+    engine.release_free_memory()  # grew past it: trim, and 50 after is the new reference
+    engine.release_free_memory()  # 200 + threshold is past 50 + threshold: trim
+    assert trims == [0, 0, 0] and engine._TRIMMED_AT == 60
