@@ -606,7 +606,8 @@ DASK_CONFIG = {
     # attack's thread and, with every core busy, preempts a compute process: the statistical
     # profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor every 100 ms
     # (worker and nanny) and the system monitor every 500 ms. With the defaults, two 1-thread
-    # workers running at once reached 1.76x of one alone on 2 cores; with these, 1.96x (measured).
+    # workers running at once reached 1.80x of one alone on 2 cores, with these 1.94x, and two
+    # plain processes 1.99x (benchmarks/dask_overhead.py).
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.memory.monitor-interval": "1s",
@@ -625,7 +626,7 @@ def dask_worker_environment() -> Iterator[None]:
 
     distributed's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; any value of it
     turns off glibc's dynamic mmap threshold, so every tensor above 128 KiB is mmap'ed and
-    unmapped again: attacks ran 1.6x slower in a worker than in process (measured). The nanny
+    unmapped again: attacks ran 1.6-2.1x slower in a worker than in process (measured). The nanny
     also copies its worker variables (``OMP_NUM_THREADS=1``, ...) into the spawning process's
     own environment, where later subprocesses (DVC stages) would inherit them; they are restored.
     Use it around the creation of a local cluster (``run_attack`` does, for ``workers > 1``).
