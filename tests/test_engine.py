@@ -462,3 +462,14 @@ def test_free_memory_is_trimmed_only_after_the_resident_size_grew(monkeypatch):
     engine.release_free_memory()  # grew past it: trim, and 50 after is the new reference
     engine.release_free_memory()  # 200 + threshold is past 50 + threshold: trim
     assert trims == [0, 0, 0] and engine._TRIMMED_AT == 60
+
+
+def test_local_cluster_settings_hold_inside_the_environment_and_are_restored_after():
+    import dask
+
+    before = {key: dask.config.get(key) for key in engine.DASK_CONFIG}
+    assert before != engine.DASK_CONFIG  # distributed's defaults differ, or this test would show nothing
+    with engine.dask_worker_environment():
+        assert {key: dask.config.get(key) for key in engine.DASK_CONFIG} == engine.DASK_CONFIG
+        assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"] is None
+    assert {key: dask.config.get(key) for key in engine.DASK_CONFIG} == before
