@@ -545,7 +545,7 @@ def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.T
     attack_chunks = flow(_attack_chunks_flow, name="rcat-attack-chunks", task_runner=runner, validate_parameters=False, persist_result=False)
     try:
         # No heartbeats for this short internal flow: Prefect's heartbeat thread sleeps in 1 s
-        # steps and the flow's exit joins it, which added up to 1 s to every run (measured 0.7-0.8 s).
+        # steps and the flow's exit joins it, which added up to 1 s to every run (measured 0.07-0.82 s).
         with prefect_api_for_workers(), dask_worker_environment(), temporary_settings(updates={"flows.heartbeat_frequency": None}):
             return attack_chunks(token)
     finally:
