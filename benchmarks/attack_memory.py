@@ -34,8 +34,9 @@ def peak_mb() -> float:
 
 
 def current_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    from rcat.engine import resident_bytes
+
+    return (resident_bytes() or 0) / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
