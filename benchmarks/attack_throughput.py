@@ -15,7 +15,10 @@ Same small CNN, same CIFAR-size data (3x32x32), same attacks:
   torch thread);
 * ``cached_rerun_fraction``: wall time of a rerun with the same inputs over the first run's;
 * ``scaleout_2w_vs_1proc_2threads``: the same 2 Dask workers against one process using both
-  cores (2 torch threads, in process);
+  cores (2 torch threads, in process, with no cluster or Prefect server running); the two
+  alternate ``--rounds`` times (default 3) and the figure is the median of the rounds' ratios
+  (the machine drifts by several percent within minutes: each round compares neighbours);
+  ``scaleout_2w_vs_1w`` uses the median 2-worker time;
 * ``cached_rerun_fraction`` as above; ``peak_rss_mb``: this process's peak resident set size
   (resource.getrusage; Dask workers are separate processes and not included);
 * ``peak_rss_mb_50k`` (with ``--memory``): the peak RSS of ``benchmarks/attack_memory.py`` (the
@@ -43,6 +46,7 @@ Prints the figures as one JSON line, last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -126,6 +130,22 @@ def timed_engine(network, split, config, cache_dir: Path, chunk_size: int, seed:
     return time.perf_counter() - begin, frame
 
 
+@contextlib.contextmanager
+def own_prefect_api():
+    """A Prefect API server (ephemeral, on this machine) for the block only: Prefect keeps the one it
+    starts itself until the process exits, where it would take CPU from the in-process runs."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
+
+
 def load() -> str:
     return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
@@ -159,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the single-attack and ensemble comparisons "
                         "(default: torch's, one per core); 1 keeps them meaningful when other work loads the machine, where "
                         "2-thread runs slow down many times over (OpenMP threads waiting on a busy core)")
+    parser.add_argument("--rounds", type=int, default=3, help="scale-out: rounds of (2-thread process, 2 Dask workers), alternating; "
+                        "the figures are medians (--quick: 1)")
     parser.add_argument("--memory", action="store_true", help="also run benchmarks/attack_memory.py (all 50,000 CIFAR-10 images)")
     args = parser.parse_args(argv)
 
@@ -247,35 +269,51 @@ def main(argv: list[str] | None = None) -> int:
 
     # (c) scale-out: 2 Dask workers vs 1, same attack, fresh caches, one batch per chunk (balance). "1 worker" = one torch thread in
     # process, as each Dask worker runs (results are bit-identical only at equal thread counts:
-    # oneDNN's convolutions reduce in a thread-count dependent order).
+    # oneDNN's convolutions reduce in a thread-count dependent order). The 2-thread process and the
+    # 2 workers alternate, `rounds` times: the machine drifts by several percent within minutes, and
+    # each round compares two runs made next to each other.
     scaleout = scaleout_2threads = None
     if not args.no_dask:
+        import statistics
+
         from distributed import LocalCluster
 
         from rcat.engine import dask_worker_environment, prefect_api_for_workers
 
+        rounds = 1 if args.quick else args.rounds
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         one, one_frame = timed_engine(network, split, single, workdir / "cache-1w", batch, seed)
-        torch.set_num_threads(2)
-        one2, _ = timed_engine(network, split, single, workdir / "cache-1p2t", batch, seed)
-        torch.set_num_threads(threads)
         load_before = load()
-        with prefect_api_for_workers():  # one ephemeral Prefect API for the driver and every worker
-            cold, cold_frame = timed_engine(network, split, single, workdir / "cache-2w-cold", batch, seed, workers=2)
-            begin = time.perf_counter()
-            with dask_worker_environment(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-                startup = time.perf_counter() - begin
-                warmup = (images[: 2 * batch], labels[: 2 * batch], sample_index[: 2 * batch])  # both workers import torch and rcat once
-                timed_engine(network, warmup, single, workdir / "cache-warmup", batch, seed, dask_address=cluster.scheduler_address)
-                two, two_frame = timed_engine(network, split, single, workdir / "cache-2w", batch, seed, dask_address=cluster.scheduler_address)
-        identical = two_frame.equals(one_frame) and cold_frame.equals(one_frame)
-        scaleout, scaleout_2threads = one / two, one2 / two
+        pairs, identical, cold = [], True, None
+        for r in range(rounds):
+            # the 2-thread process runs with nothing else started: no idle cluster or Prefect server
+            # taking CPU from it (idle, they take 1.7% of the 2 cores: measured over 20 s)
+            torch.set_num_threads(2)
+            one2, _ = timed_engine(network, split, single, workdir / f"cache-1p2t-{r}", batch, seed)
+            torch.set_num_threads(1)
+            with own_prefect_api(), prefect_api_for_workers():  # one Prefect API for the driver and every worker, stopped after the round
+                if cold is None:
+                    cold, cold_frame = timed_engine(network, split, single, workdir / "cache-2w-cold", batch, seed, workers=2)
+                    identical = cold_frame.equals(one_frame)
+                begin = time.perf_counter()
+                with dask_worker_environment(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+                    startup = time.perf_counter() - begin
+                    warmup = (images[: 2 * batch], labels[: 2 * batch], sample_index[: 2 * batch])  # both workers import torch and rcat once
+                    timed_engine(network, warmup, single, workdir / f"cache-warmup-{r}", batch, seed, dask_address=cluster.scheduler_address)
+                    two, two_frame = timed_engine(network, split, single, workdir / f"cache-2w-{r}", batch, seed, dask_address=cluster.scheduler_address)
+            pairs.append((one2, two))
+            identical = identical and two_frame.equals(one_frame)
+        torch.set_num_threads(threads)
+        two = statistics.median(two for _, two in pairs)
+        scaleout, scaleout_2threads = one / two, statistics.median(one2 / two for one2, two in pairs)
         print(f"scale-out, {n} samples, {len(range(0, n, batch))} chunks of {batch} ({load_before} before, {load()} after):", flush=True)
         print(f"  1 process, 1 torch thread:                        {one:.2f} s")
-        print(f"  1 process, 2 torch threads (both cores):          {one2:.2f} s")
-        print(f"  2 Dask workers, running cluster (dask_address):   {two:.2f} s -> {one / two:.2f}x 1 thread, {one2 / two:.2f}x 2 threads "
-              f"(cluster start-up {startup:.1f} s excluded)")
+        for r, (one2, two_r) in enumerate(pairs):
+            print(f"  round {r + 1}: 1 process, 2 torch threads {one2:.2f} s; 2 Dask workers (running cluster, dask_address) {two_r:.2f} s "
+                  f"-> {one2 / two_r:.3f}x 2 threads")
+        print(f"  2 Dask workers, median of {rounds}:                  {two:.2f} s -> {scaleout:.2f}x 1 thread, {scaleout_2threads:.3f}x 2 threads "
+              f"(median of the rounds; cluster start-up {startup:.1f} s excluded)")
         print(f"  2 Dask workers, cold (local cluster per run):     {cold:.2f} s -> {one / cold:.2f}x 1 thread (start-up included)")
         print(f"  results identical to the single-process 1-thread run: {identical}", flush=True)
         if not identical:

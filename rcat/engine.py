@@ -44,10 +44,10 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -69,6 +69,9 @@ from rcat.safe_io import (
     write_parquet,
     write_tensors,
 )
+
+T = TypeVar("T")
+S = TypeVar("S")
 
 ENGINE_FORMAT_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
@@ -481,34 +484,100 @@ class Progress:
 # ---------------------------------------------------------------- distribution (Prefect + Dask)
 
 
-def _chunks_in_worker(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig,
-                      jobs: list[tuple[int, int]], chunk_size: int, common: dict[str, Any]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class TaskRows:
+    """The rows of one task's chunks, back to back: what a task carries besides the (scattered) network.
+
+    prefect-dask submits with ``pure=True``, so Dask would name each task by pickling and hashing
+    all its arguments, megabytes of images here (50 ms of the driver's CPU for 600 CIFAR-10 rows,
+    measured), for a key that Prefect's task-run id makes unique anyway: ``token`` names the rows
+    instead (a fresh uuid per task). A dataclass, not a tuple: Dask tokenises a tuple item by item,
+    whatever its ``__dask_tokenize__`` says.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sample_index: torch.Tensor
+    token: str
+
+    def __dask_tokenize__(self) -> str:
+        return self.token
+
+
+def _chunks_in_worker(network: nn.Module, rows: TaskRows, config: AttackConfig, jobs: list[tuple[int, int]], chunk_size: int,
+                      common: dict[str, Any]) -> list[dict[str, Any]]:
     """Chunks ``jobs`` (index, position in the split) of one task on a Dask worker, one torch thread
-    (workers must not oversubscribe the cores). ``images`` etc. hold these chunks back to back."""
+    (workers must not oversubscribe the cores). ``rows`` hold these chunks back to back."""
     torch.set_num_threads(1)
     records, local = [], 0
+    n_rows = int(rows.labels.shape[0])
     for index, offset in jobs:
-        rows = slice(local, local + min(chunk_size, int(labels.shape[0]) - local))
-        records.append(compute_chunk(network, images[rows], labels[rows], sample_index[rows], config, offset=offset, index=index, **common)[0])
-        local = rows.stop
+        span = slice(local, local + min(chunk_size, n_rows - local))
+        records.append(compute_chunk(network, rows.images[span], rows.labels[span], rows.sample_index[span], config, offset=offset,
+                                     index=index, **common)[0])
+        local = span.stop
     return records
 
 
-def task_groups(jobs: list[tuple[int, int]], workers: int) -> list[list[tuple[int, int]]]:
+def task_groups(jobs: list[tuple[int, int]], workers: int, max_chunks: int | None = None) -> list[list[tuple[int, int]]]:
     """Consecutive chunks grouped into tasks of decreasing size (guided scheduling), at least one chunk each.
 
-    Each task takes ``ceil(remaining / (2 * workers))`` chunks: the first tasks are large (few
-    Prefect task runs, each costing a client, a context and a few events on 2 cores: about
-    0.1-0.2 s measured) and the last ones are single chunks, so that whichever worker frees first
-    takes the next and the workers finish within about one chunk of each other, even when chunks
-    take unequal times (APGD skips clean mistakes). 10 chunks on 2 workers: 3, 2, 2, 1, 1, 1.
+    Each task takes ``ceil(remaining / (2 * workers))`` chunks, at most ``max_chunks``: the first
+    tasks are large (few Prefect task runs, each costing a client, a context and a few events on
+    2 cores: about 0.1-0.2 s measured) and the last ones are single chunks, so that whichever worker
+    frees first takes the next and the workers finish within about one chunk of each other, even
+    when chunks take unequal times (APGD skips clean mistakes). 10 chunks on 2 workers: 3, 2, 2,
+    1, 1, 1. ``max_chunks`` bounds what one task carries (its rows travel through the scheduler).
     """
     groups, position, share = [], 0, 2 * max(1, workers)
     while position < len(jobs):
         count = -(-(len(jobs) - position) // share)
+        if max_chunks is not None:
+            count = min(count, max(1, max_chunks))
         groups.append(jobs[position : position + count])
         position += count
     return groups
+
+
+def keep_slots_busy(items: Iterable[T], slots: Sequence[S], submit: Callable[[T, S], tuple[Any, Any]],
+                    as_completed: Callable[[list[Any]], Any]) -> Iterator[tuple[T, Any]]:
+    """Submit ``items`` in order, one in flight per slot; yield ``(item, handle)`` as each completes.
+
+    ``slots``: one entry per worker thread (a worker's address, repeated per thread).
+    ``submit(item, slot)`` runs ``item`` on ``slot`` and returns ``(dask_future, handle)``;
+    ``as_completed(futures)`` is distributed's (its ``add`` extends it while iterating). As soon as
+    an item completes, the next one goes to the slot it freed, before the caller handles the result.
+
+    Why the driver places tasks instead of submitting them all and letting Dask's scheduler place
+    them (both measured with per-chunk timelines of 13 s runs on 2 workers):
+
+    * Dask queues a task on the scheduler, for whichever worker frees first, only once its task
+      group holds more than twice the cluster's threads (``is_rootish``); before that it binds each
+      task to a worker on arrival, and the run ended with one worker idle while the other still
+      held a task (0.5 to 1.9 s).
+    * A task depending on the network scattered to every worker goes to a worker that holds the
+      network, and the scheduler's Active Memory Manager drops all but one of those copies within
+      seconds: every later task was bound to that one worker, busy or not, until work stealing
+      moved it (1 to 2 s idle per run).
+    """
+    pending = iter(items)
+    in_flight: dict[Any, tuple[T, Any, S]] = {}
+
+    def start(slot: S) -> Any | None:
+        item = next(pending, None)
+        if item is None:
+            return None
+        dask_future, handle = submit(item, slot)
+        in_flight[dask_future] = (item, handle, slot)
+        return dask_future
+
+    completed = as_completed([future for future in (start(slot) for slot in slots) if future is not None])
+    for finished in completed:
+        item, handle, slot = in_flight.pop(finished)
+        following = start(slot)
+        if following is not None:
+            completed.add(following)
+        yield item, handle
 
 
 def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig,
@@ -518,9 +587,11 @@ def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.T
 
     A local cluster of ``workers`` processes with one thread each, or the scheduler at ``address``.
     The network is scattered to every worker once (``client.scatter(broadcast=True)``); each task
-    carries only the tensors of its chunks (:func:`task_groups`: guided, a few tasks per worker). Workers
-    write the shards, the caller writes the manifest. ``on_done(index, record)`` is called in the
-    driver as each chunk's task completes (progress).
+    carries only the rows of its chunks (:class:`TaskRows`; :func:`task_groups`: guided, a few tasks
+    per worker). The driver keeps one task in flight per worker thread and submits the next as one
+    completes, so the next group goes to whichever worker freed first. Workers write the shards,
+    the caller writes the manifest. ``on_done(index, record)`` is called in the driver as each
+    chunk's task completes (progress).
     """
     try:
         from distributed import as_completed
@@ -560,35 +631,46 @@ the flow takes a token, not the network and the split: they would travel with ev
 
 def _attack_chunks_flow(token: str) -> list[dict[str, Any]]:
     """The Prefect flow of :func:`run_chunks_on_dask` (module level, so that it pickles by reference)."""
+    import dask
+
     run = _DRIVER_RUNS[token]
     images, labels, sample_index, chunk_size, jobs = run["images"], run["labels"], run["sample_index"], run["chunk_size"], run["jobs"]
     n_samples = int(labels.shape[0])
 
-    def payload(group: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def payload(group: list[tuple[int, int]]) -> TaskRows:
         # the group's rows only (cloned: a view would pickle the split's whole storage)
         spans = [(start, min(start + chunk_size, n_samples)) for _, start in group]
         if all(a[1] == b[0] for a, b in itertools.pairwise(spans)):
-            first, last = spans[0][0], spans[-1][1]
-            return images[first:last].clone(), labels[first:last].clone(), sample_index[first:last].clone()
-        rows = torch.cat([torch.arange(a, b) for a, b in spans])
-        return images[rows], labels[rows], sample_index[rows]
+            rows = slice(spans[0][0], spans[-1][1])
+            return TaskRows(images[rows].clone(), labels[rows].clone(), sample_index[rows].clone(), uuid.uuid4().hex)
+        picked = torch.cat([torch.arange(a, b) for a, b in spans])
+        return TaskRows(images[picked], labels[picked], sample_index[picked], uuid.uuid4().hex)
 
     client = run["context"].get().task_runner.client
     if run["n_workers"]:
         client.wait_for_workers(run["n_workers"], timeout=120)  # so that the broadcast below reaches every worker
-    size = run["n_workers"] or max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    slots = [address for address, worker in sorted(workers.items()) for _ in range(max(1, int(worker.get("nthreads", 1))))]
+    if not slots:
+        raise RuntimeError(f"the Dask cluster at {client.scheduler.address} has no workers")
     # The network goes to every worker once, not with each task: a task gets the scattered
-    # future, which Dask resolves to the worker's copy (a worker that joins later fetches it once).
+    # future, which Dask resolves to the worker's copy (or fetches once, if the scheduler dropped it).
     [scattered] = client.scatter([run["network"]], broadcast=True, hash=False)
+    # a task's rows travel driver -> scheduler -> worker in one message: at most TASK_BYTES each
+    chunk_bytes = chunk_size * (images[:1].numel() * images.element_size() + labels.element_size() + sample_index.element_size())
+    groups = task_groups(jobs, len(slots), max_chunks=TASK_BYTES // max(1, chunk_bytes))
+
+    def submit(group: list[tuple[int, int]], worker: str) -> tuple[Any, Any]:
+        # placed on the worker that freed (loose: another one if it left the cluster)
+        with dask.annotate(workers=[worker], allow_other_workers=True):
+            future = run["task"].submit(scattered, payload(group), run["config"], group, chunk_size, run["common"])
+        return future.wrapped_future, future
+
     try:
-        futures = {run["task"].submit(scattered, *payload(group), run["config"], group, chunk_size, run["common"]): group
-                   for group in task_groups(jobs, size)}
         results: dict[int, dict[str, Any]] = {}
-        by_dask_future = {future.wrapped_future: future for future in futures}
         # distributed's as_completed (Prefect's waits forever on Dask futures, prefect-dask 0.3.7)
-        for finished in run["as_completed"](list(by_dask_future), loop=client.loop):
-            future = by_dask_future[finished]
-            for (index, _), record in zip(futures[future], future.result()):
+        for group, future in keep_slots_busy(groups, slots, submit, lambda futures: run["as_completed"](futures, loop=client.loop)):
+            for (index, _), record in zip(group, future.result()):
                 results[index] = record
                 if run["on_done"] is not None:
                     run["on_done"](index, record)
@@ -597,11 +679,13 @@ def _attack_chunks_flow(token: str) -> list[dict[str, Any]]:
         scattered.release()
 
 
+TASK_BYTES = 64 * 2**20
+"""The most bytes of rows one Dask task carries (:func:`task_groups`' ``max_chunks``): 5 chunks of
+1,024 CIFAR-10 images, where guided groups alone would send 13 in one task (160 MB) on 50,000."""
+
 DASK_CONFIG = {
-    # one task per worker at a time; the others wait on the scheduler and go to whichever worker
-    # frees first (the default, 1.1, sends a second task ahead to each 1-thread worker, and the
-    # run then ends waiting on a worker that holds one task too many)
-    "distributed.scheduler.worker-saturation": 1.0,
+    # tasks carry their chunks' rows (up to TASK_BYTES); Dask warns about any graph above 10 MB
+    "distributed.admin.large-graph-warning-threshold": "128MB",
     # Periodic callbacks wake each worker's event loop, which then takes the GIL from the
     # attack's thread and, with every core busy, preempts a compute process: the statistical
     # profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor every 100 ms
@@ -614,8 +698,9 @@ DASK_CONFIG = {
     "distributed.admin.system-monitor.interval": "2s",
 }
 """Dask settings for the local cluster of ``engine.workers > 1`` (set while it is created; the
-scheduler and the workers' nannies read them then). Start the scheduler and workers of an existing
-cluster (``engine.dask_address``) with the same settings for the same balance."""
+scheduler and the workers' nannies read them then) and for the driver's client during a
+distributed run. Start the scheduler and workers of an existing cluster (``engine.dask_address``)
+with the same settings for the same speed."""
 
 
 @contextlib.contextmanager

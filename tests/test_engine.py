@@ -438,6 +438,68 @@ def test_task_groups_are_guided_and_cover_every_chunk_in_order():
     assert engine.task_groups(jobs[:3], workers=2) == [[job] for job in jobs[:3]]
     assert [len(group) for group in engine.task_groups(jobs, workers=1)] == [5, 3, 1, 1]
     assert engine.task_groups([], workers=2) == []
+    capped = engine.task_groups(jobs, workers=1, max_chunks=2)
+    assert [len(group) for group in capped] == [2, 2, 2, 2, 1, 1] and [job for group in capped for job in group] == jobs
+    assert [len(group) for group in engine.task_groups(jobs[:2], workers=1, max_chunks=0)] == [1, 1]  # a chunk above the cap still runs
+
+
+class _FinishInOrder:
+    """distributed.as_completed's interface (iterate, ``add`` while iterating) over futures that
+    finish in the order given by ``finish`` (submission order by default)."""
+
+    def __init__(self, futures, finish=None):
+        self.queue, self.finish = list(futures), finish
+
+    def add(self, future):
+        self.queue.append(future)
+
+    def __iter__(self):
+        while self.queue:
+            chosen = self.finish(self.queue) if self.finish else self.queue[0]
+            self.queue.remove(chosen)
+            yield chosen
+
+
+def test_keep_slots_busy_submits_in_order_one_per_slot_and_refills_the_slot_that_freed():
+    submitted, running, most = [], set(), 0
+
+    def submit(item, slot):
+        nonlocal most
+        submitted.append((item, slot))
+        running.add(item)
+        most = max(most, len(running))
+        return item, f"handle-{item}"
+
+    def finish_first(queue):  # the oldest finishes: no longer running once as_completed yields it
+        running.discard(queue[0])
+        return queue[0]
+
+    received = []
+    for item, handle in engine.keep_slots_busy(range(6), ["a", "b"], submit, lambda futures: _FinishInOrder(futures, finish_first)):
+        assert handle == f"handle-{item}"
+        # the freed slot is refilled before the caller handles the result
+        assert [i for i, _ in submitted] == list(range(min(6, len(received) + 3)))
+        received.append(item)
+    assert most == 2 and received == list(range(6))
+    assert submitted == [(0, "a"), (1, "b"), (2, "a"), (3, "b"), (4, "a"), (5, "b")]
+
+
+def test_keep_slots_busy_gives_the_next_item_to_the_slot_that_freed_first():
+    # the last submitted finishes first: each next item goes to the slot of the one that finished
+    def latest(queue):
+        return queue[-1]
+
+    placed = {}
+
+    def submit(item, slot):
+        placed[item] = slot
+        return item, item
+
+    received = [item for item, _ in engine.keep_slots_busy(range(5), ["a", "b", "c"], submit, lambda futures: _FinishInOrder(futures, latest))]
+    assert received == [2, 3, 4, 1, 0]
+    assert placed == {0: "a", 1: "b", 2: "c", 3: "c", 4: "c"}
+    assert list(engine.keep_slots_busy([], ["a"], submit, _FinishInOrder)) == []
+    assert [item for item, _ in engine.keep_slots_busy(range(2), ["a"] * 8, submit, _FinishInOrder)] == [0, 1]
 
 
 def test_the_dask_flow_pickles_by_reference_so_tasks_do_not_carry_the_split():
@@ -473,3 +535,13 @@ def test_local_cluster_settings_hold_inside_the_environment_and_are_restored_aft
         assert {key: dask.config.get(key) for key in engine.DASK_CONFIG} == engine.DASK_CONFIG
         assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"] is None
     assert {key: dask.config.get(key) for key in engine.DASK_CONFIG} == before
+
+
+def test_task_rows_are_named_by_their_token_not_by_hashing_the_images():
+    """prefect-dask submits with pure=True: Dask would otherwise pickle and hash every task's images for its key."""
+    from dask.tokenize import tokenize
+
+    images = torch.rand(4, 3, 8, 8)
+    rows = engine.TaskRows(images, torch.zeros(4, dtype=torch.long), torch.arange(4), "token-1")
+    assert tokenize(rows) == tokenize(engine.TaskRows(torch.zeros(4, 3, 8, 8), rows.labels, rows.sample_index, "token-1"))
+    assert tokenize(rows) != tokenize(engine.TaskRows(images, rows.labels, rows.sample_index, "token-2"))
