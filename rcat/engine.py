@@ -19,8 +19,9 @@
 * **Distributed (optional).** With ``workers > 1`` or a ``dask_address``, missing chunks run as
   Prefect tasks on a ``prefect_dask.DaskTaskRunner`` (a local cluster with one torch thread per
   worker, or the scheduler at ``dask_address``). The network travels to each worker once
-  (scattered, broadcast), not with every task; a task carries its chunk's tensors only. Workers
-  write their shards; only the driver writes the manifest.
+  (scattered, broadcast), not with every task; a task carries its chunks' rows only. The driver
+  keeps one task in flight per worker thread and gives the next to the worker that freed
+  (:func:`keep_slots_busy`). Workers write their shards; only the driver writes the manifest.
 * **Progress and summary.** With a terminal on stderr (or ``progress=True``) a tqdm bar shows
   samples done, samples/s and the robust accuracy so far; ``progress=True`` without a terminal
   prints one plain line per chunk instead (clean logs in DVC and CI). Every returned frame
