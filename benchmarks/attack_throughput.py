@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the figures are medians (--quick: 1)")
     parser.add_argument("--memory", action="store_true", help="also run benchmarks/attack_memory.py (all 50,000 CIFAR-10 images)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     workdir = Path(tempfile.mkdtemp(prefix="rcat-bench-"))
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))  # never the user's Prefect database

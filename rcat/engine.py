@@ -653,7 +653,8 @@ def _attack_chunks_flow(token: str) -> list[dict[str, Any]]:
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     slots = [address for address, worker in sorted(workers.items()) for _ in range(max(1, int(worker.get("nthreads", 1))))]
     if not slots:
-        raise RuntimeError(f"the Dask cluster at {client.scheduler.address} has no workers")
+        raise InputError(f"engine.dask_address: the Dask cluster at {client.scheduler.address} has no workers; start workers for it "
+                         "(dask worker <address>) or set engine.workers instead")
     # The network goes to every worker once, not with each task: a task gets the scattered
     # future, which Dask resolves to the worker's copy (or fetches once, if the scheduler dropped it).
     [scattered] = client.scatter([run["network"]], broadcast=True, hash=False)
