@@ -119,6 +119,11 @@ def stage(
 def run(params: ParamsOption = Path("params.yaml"), force: Annotated[bool, typer.Option(help="rerun every stage")] = False) -> None:
     """Run the default pipeline (the same as ``dvc repro``): DVC skips stages whose inputs did not change."""
     _params(params)  # fail fast on bad params, before DVC starts
+    if params.resolve() != Path("params.yaml").resolve():
+        # DVC reads ./params.yaml and nothing else: validating another file and running on this one
+        # would report a verdict for parameters nobody checked
+        raise RcatError(f"--params {params}: 'rcat run' runs 'dvc repro', which always reads ./params.yaml; copy {params} to "
+                        "params.yaml, or set single keys with 'dvc exp run -S key=value'")
     # DVC and the stage commands (`python stages/...`) must resolve to this environment's tools,
     # even when it is not activated.
     bin_dir = str(Path(sys.executable).parent)
@@ -216,19 +221,23 @@ def decide(
 ) -> None:
     """Run the update gate over every evaluated candidate; write data/decide/decision.json.
 
-    With --replay FILE: recompute FILE's verdict from the evaluations it stores; exit 0 when it
-    matches, 2 when it does not (the record was edited or the gate's code changed).
+    With --replay FILE: verify FILE's signature (RCAT_SIGNING_KEY) and every evidence file it lists,
+    recompute its evaluations from their per-sample outcomes and its verdict from those; exit 0
+    when all of it matches, 2 when anything differs (an edited record or file, or a changed gate).
     """
-    from rcat.pipeline import replay_decision, require_promotion
+    from rcat.pipeline import Layout, replay_decision, require_promotion
     from rcat.safe_io import read_json
 
     if replay is not None:
         record = read_json(replay)
-        result = replay_decision(record)
+        # data/decide/decision.json rests on files under data/: resolve them from the record's own place
+        layout = Layout(replay.resolve().parent.parent) if replay.parent.name == "decide" else Layout()
+        result = replay_decision(record, layout)
         if not result["matches"]:
             raise RcatError(f"{replay}: replay gives {result['verdict']} {result['candidate'] or ''} but the record says "
                             f"{result['recorded_verdict']} {result['recorded_candidate'] or ''}; the record was edited or the gate changed")
-        print(f"{replay}: replayed verdict {result['verdict']} {result['candidate'] or ''} matches the record")
+        print(f"{replay}: every evidence file verified, signature {result['signature']}; "
+              f"replayed verdict {result['verdict']} {result['candidate'] or ''} matches the record")
         if fail_on_reject:
             require_promotion(record)
         return

@@ -204,6 +204,12 @@ class TrainConfig(Section):
     (epoch e in 1..N uses ``eps * e / N``; the step size scales with it unless set). Adversarial
     training from scratch at a large eps (CIFAR-10 at 8/255 with FGSM) can collapse to a constant
     prediction in its first epoch; ramping eps up is the usual remedy. 0: full eps from the start.
+
+    ``augment: crop_flip``: each training image is shifted by up to 4 pixels (zero padding, then a
+    random crop back to its size) and mirrored left-right with probability 1/2, seeded by ``seed``
+    (the standard CIFAR-10 augmentation). ``lr_schedule: cosine``: the learning rate falls from
+    ``lr`` to 0 along a half cosine over all steps (Loshchilov & Hutter). ``weight_decay``: SGD's L2
+    coefficient. The defaults (none, constant, 0) are the authors' protocol.
     """
 
     reference: str | None = None
@@ -217,6 +223,9 @@ class TrainConfig(Section):
     batch_size: Annotated[int, Field(ge=1)] = 64
     attack: AttackConfig = AttackConfig(name="pgd", loss="ce", steps=7)
     attack_warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    augment: Literal["none", "crop_flip"] = "none"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     seed: int = 0
 
 
@@ -309,26 +318,65 @@ class FinetuneConfig(Section):
         return value
 
 
-class DecisionRules(Section):
-    """Rules a candidate must meet, all measured against the old model on the same split.
+RULE_NAMES = ("max_nfr", "max_rnfr", "min_accuracy_delta", "min_robust_accuracy_delta", "max_accuracy_drop_vs_new",
+              "max_robust_accuracy_drop_vs_new", "max_class_accuracy_drop", "max_rnf_cut_p_value")
+"""Every gate rule, in the order the decision record lists them."""
 
-    Fractions in [0, 1]; deltas are candidate minus old (e.g. ``min_robust_accuracy_delta: 0``
-    means "robust accuracy at least the old model's"). ``None`` disables a rule.
+INTERVAL_RULES = RULE_NAMES[:7]
+"""The rules that can be judged on the pessimistic end of a 95% interval (``decision.on_interval``)."""
+
+
+class DecisionRules(Section):
+    """Rules a candidate must meet on a split. ``None`` disables a rule. Fractions in [0, 1].
+
+    Against the **old** model (the non-regression promise):
+
+    * ``max_nfr``, ``max_rnfr``: clean / robustness negative flip rate at most this;
+    * ``min_accuracy_delta``, ``min_robust_accuracy_delta``: candidate minus old at least this;
+    * ``max_class_accuracy_drop``: no class's clean accuracy may fall below the old model's by
+      more than this (per class c: ``acc_old(c) - acc_candidate(c) <= limit``; the denominator is
+      the class's samples in the split).
+
+    Against the **un-fine-tuned new model** (an update must keep its gains):
+
+    * ``max_accuracy_drop_vs_new``, ``max_robust_accuracy_drop_vs_new``: ``new - candidate`` at
+      most this (0 for the raw update itself);
+    * ``max_rnf_cut_p_value``: a fine-tuned candidate must cut the raw update's robustness
+      negative flips *significantly*: fewer RNFs than ``new`` and McNemar's exact two-sided
+      p-value of the paired RNF sets at most this. Not applied to ``new`` itself.
     """
 
     max_nfr: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.05
     max_rnfr: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.05
     min_accuracy_delta: Annotated[float, Field(ge=-1.0, le=1.0)] | None = 0.0
     min_robust_accuracy_delta: Annotated[float, Field(ge=-1.0, le=1.0)] | None = 0.0
+    max_accuracy_drop_vs_new: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.01
+    max_robust_accuracy_drop_vs_new: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.01
+    max_class_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    max_rnf_cut_p_value: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
 
 
 class DecisionConfig(Section):
-    """Update gate: choose the best admissible candidate on ``selection_split``, confirm on ``confirmation_split``."""
+    """Update gate: choose the best admissible candidate on ``selection_split``, confirm on ``confirmation_split``.
+
+    ``on_interval``: rules judged on the pessimistic end of their 95% interval instead of the
+    point estimate: the upper end for ``max_*`` rules, the lower end for ``min_*`` rules (Wilson
+    score intervals for NFR / RNFR; normal intervals of the paired per-sample differences for the
+    deltas, drops and per-class drops). ``max_rnf_cut_p_value`` is a test already and is not listed.
+    """
 
     rules: DecisionRules = DecisionRules()
+    on_interval: list[Literal[INTERVAL_RULES]] = Field(default_factory=list)  # type: ignore[valid-type]
     selection_split: Literal["validation", "test"] = "validation"
     confirmation_split: Literal["validation", "test"] = "test"
     rank_by: Literal["snfr", "rnfr", "nfr", "robust_accuracy", "accuracy"] = "snfr"
+
+    @model_validator(mode="after")
+    def _two_splits(self) -> DecisionConfig:
+        if self.selection_split == self.confirmation_split:
+            raise ValueError(f"selection_split and confirmation_split are both {self.selection_split!r}: confirming on the split "
+                             "the candidate was selected on confirms nothing; use validation and test")
+        return self
 
 
 class TrackingConfig(Section):

@@ -13,9 +13,12 @@
   ``save_adversarial=True`` they are written as float32 safetensors next to the shard
   (``chunk-<i:05d>.adversarial.safetensors``).
 * **Resumable.** ``manifest.json`` is written last and marks a complete run. A run killed midway
-  resumes at the first missing shard. Shards are checked before reuse (key recorded in the shard
-  and the manifest, row count, sample indices, and the manifest's SHA-256 of each shard): a
-  corrupt or foreign shard is recomputed with a warning, never silently reused.
+  resumes at the first missing shard. Every shard carries its own content checksum
+  (:func:`rcat.safe_io.frame_digest` of its rows, in the parquet footer, written with it in one
+  atomic rename), so a shard is verified on every reuse, with or without a manifest (a killed
+  run leaves none). Shards are checked before reuse (key recorded in the shard and the
+  manifest, its own checksum, row count, sample indices, and the manifest's SHA-256 of each
+  shard): a corrupt, edited or foreign shard is recomputed with a warning, never silently reused.
 * **Distributed (optional).** With ``workers > 1`` or a ``dask_address``, missing chunks run as
   Prefect tasks on a ``prefect_dask.DaskTaskRunner`` (a local cluster with one torch thread per
   worker, or the scheduler at ``dask_address``). The network travels to each worker once
@@ -60,6 +63,7 @@ from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
 from rcat.config import AttackConfig
 from rcat.errors import InputError
 from rcat.safe_io import (
+    frame_digest,
     parquet_metadata,
     read_json,
     read_parquet,
@@ -213,7 +217,7 @@ def compute_chunk(network: nn.Module, images: torch.Tensor, labels: torch.Tensor
                              device=device, return_adversarial=save_adversarial, position_offset=offset)
     frame, adversarial = result if save_adversarial else (result, None)
     frame = frame[_columns(config)]
-    metadata = {"engine_key": key, "chunk": str(index), "offset": str(offset)}
+    metadata = {"engine_key": key, "chunk": str(index), "offset": str(offset), "content_sha256": frame_digest(frame.reset_index(drop=True))}
     if adversarial is not None:
         # written before the shard: a present shard implies its adversarial points are there too
         write_tensors(directory / adversarial_name(index), {"adversarial": adversarial.float(), "sample_index": sample_index.cpu()}, metadata)
@@ -277,13 +281,19 @@ def _load_shard(path: Path, key: str, expected_index: np.ndarray, sha256: str | 
     if sha256 is not None and sha256_file(path) != sha256:
         return None, "its SHA-256 differs from the manifest's"
     try:
-        if parquet_metadata(path).get("engine_key") != key:
+        metadata = parquet_metadata(path)
+        if metadata.get("engine_key") != key:
             return None, "it belongs to another run (key mismatch)"
         frame = read_parquet(path)
     except Exception as exc:  # corrupt footer, truncated file, ...
         return None, f"unreadable ({type(exc).__name__})"
     if len(frame) != len(expected_index):
         return None, f"it has {len(frame)} rows, expected {len(expected_index)}"
+    recorded = metadata.get("content_sha256")
+    if recorded is None:
+        return None, "it carries no content checksum (written by an older rcat, or rewritten)"
+    if frame_digest(frame) != recorded:
+        return None, "its rows differ from its own checksum (edited or corrupted)"
     if list(frame.columns) != columns or not np.array_equal(frame["sample_index"].to_numpy(), expected_index):
         return None, "its columns or sample indices do not match the split"
     return frame, ""

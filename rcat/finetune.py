@@ -46,10 +46,17 @@ def _epochs(
     device: torch.device,
     step: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[LossTerms, torch.Tensor]],
     on_epoch: EpochCallback | None,
+    augment: str = "none",
+    lr_schedule: str = "constant",
+    weight_decay: float = 0.0,
 ) -> TrainingHistory:
-    """The shared loop: seeded shuffling, SGD steps, per-epoch averages."""
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum)
+    """The shared loop: seeded shuffling, optional augmentation, SGD steps (optionally on a cosine
+    schedule), per-epoch averages."""
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    # a separate stream, so that turning augmentation on does not change the shuffling order
+    augment_generator = torch.Generator().manual_seed(seed + 7_919)
+    total_steps = max(1, epochs * math.ceil(len(split) / batch_size))
     history = TrainingHistory()
     step_index = 0
     for epoch in range(epochs):
@@ -59,8 +66,14 @@ def _epochs(
         seen = 0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            x = split.images[batch].to(device)
+            x = split.images[batch]
+            if augment == "crop_flip":
+                x = crop_flip(x, augment_generator)
+            x = x.to(device)
             y = split.labels[batch].to(device)
+            if lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step_index / total_steps))
             terms, logits = step(x, y, seed * 1_000_003 + step_index, batch)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
@@ -78,6 +91,21 @@ def _epochs(
             on_epoch(epoch + 1, summary)
     network.eval()
     return history
+
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random shifts of up to ``pad`` pixels (zero padding, crop back to size) and left-right
+    mirroring with probability 1/2, per image; ``images`` is (N, C, H, W), values are kept as they are."""
+    count, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = torch.randint(0, 2 * pad + 1, (count,), generator=generator).tolist()
+    cols = torch.randint(0, 2 * pad + 1, (count,), generator=generator).tolist()
+    flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+    out = torch.empty_like(images)
+    for index in range(count):
+        crop = padded[index, :, rows[index] : rows[index] + height, cols[index] : cols[index] + width]
+        out[index] = crop.flip(-1) if flips[index] else crop
+    return out
 
 
 def warmed_up(attack: AttackConfig, fraction: float) -> AttackConfig:
@@ -107,6 +135,7 @@ def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, dev
     return _epochs(
         network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
         seed=config.seed, device=device, step=step, on_epoch=on_epoch,
+        augment=config.augment, lr_schedule=config.lr_schedule, weight_decay=config.weight_decay,
     )
 
 

@@ -76,7 +76,45 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...
     return nn.Sequential(*layers)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+class BasicBlock(nn.Module):
+    """He et al.'s basic residual block: two 3x3 conv + BatchNorm, identity (or 1x1 conv) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...] = (16, 32, 64), blocks: int = 1) -> nn.Module:
+    """A CIFAR-style ResNet (He et al. 2016, section 4.2): a 3x3 stem, ``len(widths)`` stages of
+    ``blocks`` basic blocks (every stage after the first halves the resolution), global average
+    pooling and a linear classifier. ``widths=(16, 32, 64), blocks=1`` is ResNet-8 (78k weights);
+    ``blocks=3`` is ResNet-20; ``widths=(64, 128, 256, 512), blocks=2`` is ResNet-18's layout.
+    """
+    if not widths or blocks < 1 or any(int(width) < 1 for width in widths):
+        raise TypeError(f"resnet needs at least one width and blocks >= 1, got widths={widths!r}, blocks={blocks!r}")
+    in_channels = input_shape[0]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    current = widths[0]
+    for position, width in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if position > 0 and block == 0 else 1
+            layers.append(BasicBlock(current, width, stride))
+            current = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(current, num_classes)]
+    return nn.Sequential(*layers)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,59 +29,12 @@ from rcat.metrics import compare_outcomes
 from rcat.models import FACTORY_PREFIX, TORCHSCRIPT_PREFIX, LoadedModel, ModelSpec, check_model_on, load_model, load_model_reference, save_model, weights_digest
 from rcat.runtime import code_revision, resolve_device, seed_everything
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
+from rcat.results import EVALUATED_SPLITS, EvidenceError, Layout, load_candidates, require, write_evidence
 from rcat.tracking import Tracker
 
-EVALUATED_SPLITS = ("validation", "test")
-"""Splits on which fine-tuned candidates are evaluated (the fine-tune split is their training data)."""
+__all__ = ["EVALUATED_SPLITS", "Layout"]
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Where every stage reads and writes, relative to ``root`` (the DVC outputs live in ``data/``)."""
-
-    root: Path = Path("data")
-
-    def split(self, name: str) -> Path:
-        return self.root / "prepared" / f"{name}.safetensors"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "prepared" / "manifest.json"
-
-    def model(self, role: str) -> Path:
-        return self.root / "models" / f"{role}.safetensors"
-
-    def training_history(self, role: str) -> Path:
-        return self.root / "models" / f"{role}_history.json"
-
-    @property
-    def attack_cache(self) -> Path:
-        return self.root / "attack_cache"
-
-    def finetuned(self, method: str) -> Path:
-        return self.root / "finetune" / method / "model.safetensors"
-
-    def finetune_history(self, method: str) -> Path:
-        return self.root / "finetune" / method / "history.json"
-
-    def evaluation(self, candidate: str) -> Path:
-        """Directory of a candidate's flip evaluation; ``new`` is evaluated from the attack cache."""
-        return self.attack_cache if candidate == "new" else self.root / "evaluate" / candidate
-
-    @property
-    def decision(self) -> Path:
-        return self.root / "decide" / "decision.json"
-
-    @property
-    def tradeoff(self) -> Path:
-        return self.root / "decide" / "tradeoff.csv"
-
-
-def _require(path: Path, stage: str) -> Path:
-    """A stage input must exist; if not, say which stage makes it."""
-    if not path.is_file():
-        raise InputError(f"{path}: not found; run the '{stage}' stage first (dvc repro {stage})")
-    return path
+_require = require
 
 
 def _split(layout: Layout, name: str) -> Split:
@@ -137,7 +90,8 @@ def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = N
     if config.reference is not None:
         return import_model(params, role, layout, tracker)
     split = subsample(_split(layout, "finetune"), config.data_fraction, config.seed)
-    spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs))
+    normalization = None if config.normalization is None else (tuple(config.normalization.mean), tuple(config.normalization.std))
+    spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs), normalization)
     network = spec.build()
     curves: list[tuple[int, dict[str, float]]] = []
     history = adversarial_train(network, split, config, device, on_epoch=lambda epoch, values: curves.append((epoch, values)))
@@ -245,6 +199,11 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
     metrics, flips = _split_metrics(outcomes["old"], outcomes["new"], SPLIT_NAMES)
     write_parquet(layout.attack_cache / "flips.parquet", flips.assign(candidate="new"), provenance)
     write_json(layout.attack_cache / "metrics.json", metrics)
+    # last: the record vouches for the files above and names the weights they were computed from
+    write_evidence(layout.attack_cache, candidate="new", model_path=layout.model("new"), old_model_path=layout.model("old"),
+                   old_outcomes_path=layout.attack_cache / "outcomes.parquet", split_digests={name: split.digest for name, split in splits.items()},
+                   attack_identity=params.attack.identity(), attack_label=params.attack.label(), seed=params.seed,
+                   files=("outcomes.parquet", "flips.parquet", "metrics.json"))
     if tracker is not None:
         with tracker.child("attack_cache", "stage") as run:
             run.params({"attack": params.attack.label(), **{f"attack.{k}": v for k, v in params.attack.identity().items()}})
@@ -307,12 +266,14 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
         network, history = finetune(new.network, old.network, split, params.finetune, method, device,
                                     on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust)
     else:
-        chosen, network, history, curves, grid = _search_grid(params, layout, method_name, method, new, old, split, device, old_robust)
+        chosen, network, history, curves, grid, within_limits = _search_grid(params, layout, method_name, method, new, old, split, device, old_robust)
     extra = {"method": method_name, "loss": method.loss, "alpha": str(chosen.alpha), "beta": str(chosen.beta), "base_digest": new.digest, "old_digest": old.digest}
     digest = save_model(network.cpu(), new.spec, layout.finetuned(method_name), extra=extra)
     record = {"method": method_name, **chosen.model_dump(exclude={"grid"}), "epochs": history.epochs, "weights_digest": digest}
     if grid is not None:
         record["grid"] = grid
+        # false: no point kept the new model's accuracy within decision.rules' limits on validation
+        record["grid_within_limits"] = within_limits
     write_json(layout.finetune_history(method_name), record)
     if tracker is not None:
         with tracker.child(f"candidate:{method_name}", "candidate") as run:
@@ -325,8 +286,11 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
 
 
 def _search_grid(params: Params, layout: Layout, method_name: str, method: MethodConfig, new: LoadedModel, old: LoadedModel, split: Split,
-                 device: torch.device, old_robust: torch.Tensor | None) -> tuple[MethodConfig, torch.nn.Module, Any, list, list[dict[str, Any]]]:
-    """Fine-tune once per grid point, attack each result on the validation split, keep the lowest S-NFR.
+                 device: torch.device, old_robust: torch.Tensor | None) -> tuple[MethodConfig, torch.nn.Module, Any, list, list[dict[str, Any]], bool]:
+    """Fine-tune once per grid point, attack each result on the validation split, keep the lowest
+    S-NFR among the points that keep the new model's accuracy and robust accuracy within
+    ``decision.rules``' drop limits (:func:`rcat.decision.best_grid_point`); the last value says
+    whether any point did.
 
     Each point starts from the same weights and seed, so the points differ only in alpha/beta.
     Selection reads the validation split only (see :func:`rcat.decision.best_grid_point`); the
@@ -345,11 +309,16 @@ def _search_grid(params: Params, layout: Layout, method_name: str, method: Metho
         outcomes = attack_model_on_splits(candidate, method_name, validation, params.attack, params.seed, device, params.engine)
         metrics, _ = _split_metrics(old_outcomes, outcomes, ("validation",))
         trials.append((point, network, history, curves, metrics["validation"]))
-    kept = best_grid_point([trial[4] for trial in trials])
+    new_metrics, _ = _split_metrics(old_outcomes, load_cached_outcomes(layout, "new", validation, params.attack, new.digest), ("validation",))
+    kept, within_limits = best_grid_point([trial[4] for trial in trials], new_metrics["validation"], params.decision.rules)
+    if not within_limits:
+        warnings.warn(f"finetune@{method_name}: no grid point keeps validation accuracy and robust accuracy within "
+                      f"decision.rules' limits of the new model's; kept point {kept}, the one closest to them, which the gate will reject",
+                      RuntimeWarning, stacklevel=2)
     grid = [{"alpha": point.alpha, "beta": point.beta, "selected": index == kept, "validation": metrics}
             for index, (point, *_, metrics) in enumerate(trials)]
     point, network, history, curves, _ = trials[kept]
-    return point, network, history, curves, grid
+    return point, network, history, curves, grid, within_limits
 
 
 def _method_params(params: Params, method_name: str) -> dict[str, Any]:
@@ -381,6 +350,10 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
     write_parquet(out / "outcomes.parquet", outcomes, provenance)
     write_parquet(out / "flips.parquet", flips.assign(candidate=method_name), provenance)
     write_json(out / "metrics.json", metrics)
+    write_evidence(out, candidate=method_name, model_path=layout.finetuned(method_name), old_model_path=layout.model("old"),
+                   old_outcomes_path=layout.attack_cache / "outcomes.parquet", split_digests={name: split.digest for name, split in splits.items()},
+                   attack_identity=params.attack.identity(), attack_label=params.attack.label(), seed=params.seed,
+                   files=("outcomes.parquet", "flips.parquet", "metrics.json"))
     if tracker is not None:
         with tracker.child(f"candidate:{method_name}", "candidate") as run:
             run.params(_method_params(params, method_name))
@@ -413,49 +386,101 @@ def evaluate_pair(old: LoadedModel, new: LoadedModel, split: Split, attack: Atta
 # ---------------------------------------------------------------- update decision
 
 
-def read_evaluations(params: Params, layout: Layout) -> tuple[dict[str, dict[str, dict[str, Any] | None]], list[str]]:
-    """Each candidate's metrics per split (None where missing) and the problems found reading them."""
-    evaluations: dict[str, dict[str, dict[str, Any] | None]] = {}
-    problems: list[str] = []
-    for candidate in ("new", *params.finetune.methods):
-        path = layout.evaluation(candidate) / "metrics.json"
-        try:
-            by_split = read_json(path)
-        except InputError as exc:
-            problems.append(str(exc))
-            by_split = {}
-        evaluations[candidate] = {split: by_split.get(split) for split in EVALUATED_SPLITS}
-    return evaluations, problems
+Evaluations = dict[str, dict[str, dict[str, Any] | None]]
 
 
-def input_digests(params: Params, layout: Layout) -> dict[str, Any]:
-    """Digests of every input of the decision: data splits, models, params, code and attack config."""
+def gather_evaluations(layout: Layout, candidates: list[str], *, split_digests: dict[str, str], attack_identity: dict[str, Any], seed: int,
+                       num_classes: int) -> tuple[Evaluations, list[str], dict[str, dict[str, str]]]:
+    """Each candidate's gate inputs per split, *recomputed* from its verified per-sample outcomes.
+
+    Returns ``(evaluations, problems, evidence)``: ``evaluations[candidate][split]`` is the flip
+    metrics against the old model plus :func:`rcat.decision.gate_figures` against the raw update
+    (None where the candidate has no evaluation at all: a problem, and inadmissible);
+    ``evidence[candidate]`` maps every file the figures rest on (path relative to ``layout.root``)
+    to its SHA-256. An evaluation whose evidence does not hold raises
+    :class:`~rcat.results.EvidenceError` (see :func:`rcat.results.verify_candidate`).
+    """
+    from rcat.decision import gate_figures
+    from rcat.results import EVIDENCE_FILE
+
+    present = [name for name in candidates if (layout.evaluation(name) / EVIDENCE_FILE).is_file() or (layout.evaluation(name) / "metrics.json").is_file()]
+    problems = [f"{layout.evaluation(name)}: {name} was not evaluated (no evaluation found); run 'dvc repro'" for name in candidates if name not in present]
+    _, verified = load_candidates(layout, present, split_digests=split_digests, attack_identity=attack_identity, seed=seed)
+    evaluations: Evaluations = {}
+    for name in candidates:
+        item = verified.get(name)
+        if item is None:
+            evaluations[name] = {split: None for split in EVALUATED_SPLITS}
+            continue
+        evaluations[name] = {}
+        for split in EVALUATED_SPLITS:
+            figures = gate_figures(item.flips[split], verified["new"].flips[split], num_classes) if "new" in verified else {}
+            evaluations[name][split] = dict(item.metrics[split]) | figures
+    root = layout.root.as_posix().rstrip("/") + "/"
+    evidence = {name: {path[len(root):] if path.startswith(root) else path: digest for path, digest in item.files.items()}
+                for name, item in verified.items()}
+    return evaluations, problems, evidence
+
+
+def _evaluation_inputs(params: Params, layout: Layout) -> tuple[dict[str, str], int, dict[str, int]]:
+    manifest = read_json(require(layout.manifest, "prepare"))
+    digests = {split: manifest["splits"][split]["digest"] for split in EVALUATED_SPLITS}
+    expected = {split: manifest["splits"][split]["n_samples"] for split in EVALUATED_SPLITS}
+    return digests, int(manifest["num_classes"]), expected
+
+
+def input_digests(params: Params, layout: Layout, evidence: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Digests of every input of the decision: data splits, models, params, code and attack config.
+
+    ``models`` holds each candidate's *evaluated* model digest (from its evidence), so the registry
+    registers a file only when it is byte for byte the one that was evaluated.
+    """
     from rcat.safe_io import sha256_json
 
-    digests: dict[str, Any] = {"params": sha256_json(params.model_dump(mode="json")), "attack_config": params.attack.identity()}
+    digests: dict[str, Any] = {"params": sha256_json(params.model_dump(mode="json")), "attack_config": params.attack.identity(), "seed": params.seed}
     manifest = read_json(layout.manifest) if layout.manifest.is_file() else {"splits": {}}
     digests["data"] = {name: info["digest"] for name, info in manifest["splits"].items()}
-    models = {"old": layout.model("old"), "new": layout.model("new")} | {m: layout.finetuned(m) for m in params.finetune.methods}
-    digests["models"] = {name: (sha256_file(path) if path.is_file() else None) for name, path in models.items()}
+    models: dict[str, str | None] = {"old": sha256_file(layout.model("old")) if layout.model("old").is_file() else None}
+    for candidate in ("new", *params.finetune.methods):
+        relative = layout.candidate_model(candidate).relative_to(layout.root).as_posix()
+        models[candidate] = evidence.get(candidate, {}).get(relative)
+    digests["models"] = models
     return digests
 
 
 def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> dict[str, Any]:
     """Run the update gate over every candidate and write ``decision.json`` and the trade-off table.
 
-    Fails closed: unreadable or partial evaluations make their candidate inadmissible, and a
-    decision with no admissible candidate is ``reject``.
+    Every candidate is read through its evidence record and its metrics are recomputed from its
+    per-sample outcomes (:func:`gather_evaluations`). Fails closed: a missing evaluation makes its
+    candidate inadmissible; evidence that does not hold (a model file changed after its
+    evaluation, an edited results file, an evaluation made with another attack, split or old
+    model) writes a ``reject`` record naming it and raises :class:`~rcat.results.EvidenceError`,
+    before the registry is touched.
     """
-    evaluations, problems = read_evaluations(params, layout)
-    manifest = read_json(layout.manifest)
-    expected = {split: manifest["splits"][split]["n_samples"] for split in EVALUATED_SPLITS}
+    from rcat.results import sign
+
+    split_digests, num_classes, expected = _evaluation_inputs(params, layout)
+    candidates = ["new", *params.finetune.methods]
+    try:
+        evaluations, problems, evidence = gather_evaluations(layout, candidates, split_digests=split_digests, attack_identity=params.attack.identity(),
+                                                             seed=params.seed, num_classes=num_classes)
+    except EvidenceError as exc:
+        refused = {"verdict": "reject", "candidate": None, "reasons": [f"evidence check failed: {exc}"], "problems": [str(exc)],
+                   "evidence_verified": False}
+        write_json(layout.decision, sign(refused))
+        raise
     record = decide_update(evaluations, params.decision, expected)
     record["problems"] = problems
-    record["inputs"] = input_digests(params, layout)
+    record["evidence_verified"] = True
+    record["evidence"] = evidence
+    record["inputs"] = input_digests(params, layout, evidence)
     record["inputs"]["code_revision"] = tracker.revision if tracker is not None else code_revision()
     record["inputs"]["library_versions"] = library_versions()
     # what the verdict was computed from, so that it can be replayed and audited (rcat decide --replay)
-    record["replay"] = {"evaluations": evaluations, "expected_samples": expected, "decision_config": params.decision.model_dump(mode="json")}
+    record["replay"] = {"evaluations": evaluations, "expected_samples": expected, "decision_config": params.decision.model_dump(mode="json"),
+                        "num_classes": num_classes}
+    record = sign(record)
     write_json(layout.decision, record)
     _write_tradeoff(evaluations, layout.tradeoff)
     if tracker is not None:
@@ -534,25 +559,71 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def replay_decision(record: dict[str, Any]) -> dict[str, Any]:
-    """Recompute a decision from the evaluations stored in its record; report whether it matches.
+def _comparable(value: Any) -> Any:
+    """JSON round trip with NaN as None: how a value reads back from decision.json."""
+    from rcat.safe_io import _nan_to_none
 
-    Returns ``{"matches": bool, "verdict": ..., "candidate": ..., "recorded_verdict": ..., "recorded_candidate": ...}``.
-    Raises :class:`InputError` when the record carries no replay data.
+    return json.loads(json.dumps(_nan_to_none(value), sort_keys=True, default=str))
+
+
+def replay_decision(record: dict[str, Any], layout: Layout | None = None) -> dict[str, Any]:
+    """Verify a decision record against the files it rests on and recompute its verdict from them.
+
+    1. its signature (with ``RCAT_SIGNING_KEY`` set; a signed record needs the key);
+    2. every evidence file it lists (paths relative to ``layout.root``, default ``data/``) still has
+       its recorded SHA-256;
+    3. the evaluations recomputed from those files' per-sample outcomes equal the record's;
+    4. the verdict recomputed from them, with the record's gate config, equals the record's.
+
+    Returns ``{"matches": bool, "verdict", "candidate", "recorded_verdict", "recorded_candidate",
+    "signature"}``; ``matches`` is False only for step 4 (the gate's code changed). Raises
+    :class:`~rcat.results.EvidenceError` for steps 1-3 (an edited record or an edited or missing
+    file) and :class:`InputError` for a record without replay data.
     """
     from rcat.config import DecisionConfig
+    from rcat.results import check_signature
 
-    replay = record.get("replay")
+    layout = layout or Layout()
+    replay = record.get("replay") if isinstance(record, dict) else None
     if not isinstance(replay, dict) or not {"evaluations", "expected_samples", "decision_config"} <= replay.keys():
         raise InputError("decision record has no 'replay' section (written by an older rcat, or edited); rerun 'dvc repro decide'")
+    signature = check_signature(record, "decision record")
     try:
         config = DecisionConfig.model_validate(replay["decision_config"])
     except ValueError as exc:
         raise InputError(f"decision record: replay.decision_config is invalid ({exc.__class__.__name__})") from exc
-    again = decide_update(replay["evaluations"], config, replay["expected_samples"])
+    evidence, inputs = record.get("evidence"), record.get("inputs")
+    if not isinstance(evidence, dict) or not isinstance(inputs, dict) or not isinstance(replay["evaluations"], dict):
+        raise InputError("decision record has no 'evidence' or 'inputs' section (written by an older rcat, or edited); rerun 'dvc repro decide'")
+    for candidate, files in evidence.items():
+        if not isinstance(files, dict):
+            raise EvidenceError(f"decision record: evidence.{candidate} is not a map of files to digests (the record was edited)")
+        for relative, digest in files.items():
+            path = layout.root / relative
+            if not path.is_file():
+                raise EvidenceError(f"{path}: the decision rests on it, but it is missing; replay where the decision was made (or restore the file)")
+            actual = sha256_file(path)
+            if actual != digest:
+                raise EvidenceError(f"{path}: SHA-256 {actual[:12]} differs from the {str(digest)[:12]} the decision recorded; "
+                                    "the file changed after the decision")
+    try:
+        split_digests = {split: inputs["data"][split] for split in EVALUATED_SPLITS}
+        attack_identity, seed, num_classes = inputs["attack_config"], int(inputs["seed"]), int(replay["num_classes"])
+        expected = {split: int(replay["expected_samples"][split]) for split in EVALUATED_SPLITS}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"decision record: inputs or replay section malformed (missing {exc}); rerun 'dvc repro decide'") from None
+    again_evaluations, _, again_evidence = gather_evaluations(layout, list(replay["evaluations"]), split_digests=split_digests,
+                                                              attack_identity=attack_identity, seed=seed, num_classes=num_classes)
+    if _comparable(again_evaluations) != _comparable(replay["evaluations"]):
+        differing = sorted(name for name in again_evaluations if _comparable(again_evaluations[name]) != _comparable(replay["evaluations"].get(name)))
+        raise EvidenceError(f"decision record: the evaluations it states for {', '.join(differing) or 'some candidate'} differ from those "
+                            "recomputed from the per-sample outcomes (the record was edited)")
+    if _comparable(again_evidence) != _comparable(evidence):
+        raise EvidenceError("decision record: its evidence list differs from the files the evaluations rest on (the record was edited)")
+    again = decide_update(again_evaluations, config, expected)
     matches = (again["verdict"], again["candidate"], again["reasons"]) == (record.get("verdict"), record.get("candidate"), record.get("reasons"))
     return {"matches": matches, "verdict": again["verdict"], "candidate": again["candidate"],
-            "recorded_verdict": record.get("verdict"), "recorded_candidate": record.get("candidate")}
+            "recorded_verdict": record.get("verdict"), "recorded_candidate": record.get("candidate"), "signature": signature}
 
 
 def require_promotion(record: dict[str, Any]) -> None:

@@ -222,6 +222,24 @@ def sha256_tensors(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def frame_digest(frame: pd.DataFrame) -> str:
+    """Hex SHA-256 of a frame's content: column names, dtypes and values in row order (not its file
+    bytes: the same frame written twice, or by another parquet writer, has the same digest)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    digest.update(str(len(frame)).encode())
+    for name in frame.columns:
+        column = frame[name]
+        digest.update(f"\x00{name}\x00{column.dtype}\x00".encode())
+        values = column.to_numpy()
+        if values.dtype == object:
+            digest.update("\x1f".join(map(str, values.tolist())).encode())
+        else:
+            digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
+    return digest.hexdigest()
+
+
 def sha256_json(payload: Any) -> str:
     """Hex SHA-256 of the canonical (sorted-key, compact) JSON of ``payload``."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=_json_default)

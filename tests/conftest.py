@@ -127,3 +127,48 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+def evidence_params(tmp_root: Path) -> dict:
+    """Reduced params with two fine-tuning methods (at, pct) and tracking off: for the gate's evidence tests."""
+    params = reduced_params(tmp_root)
+    params["finetune"]["methods"] = {"at": {"loss": "at"}, "pct": {"loss": "pct", "alpha": 1.0, "beta": 2.0}}
+    params["tracking"]["enabled"] = False
+    return params
+
+
+@pytest.fixture(scope="session")
+def evaluated_project(tmp_path_factory):
+    """A project directory (params.yaml + data/) through every stage up to ``decide``, run once in-process.
+
+    Tests copy it (:func:`copy_evaluated`) before changing anything.
+    """
+    from rcat import pipeline
+    from rcat.config import parse_params
+
+    root = tmp_path_factory.mktemp("evaluated") / "project"
+    root.mkdir()
+    raw = evidence_params(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = parse_params(raw)
+    layout = pipeline.Layout(root / "data")
+    previous = os.getcwd()
+    os.chdir(root)  # the engine's cache_dir is relative to the project
+    try:
+        pipeline.prepare(params, layout)
+        pipeline.train(params, "old", layout)
+        pipeline.train(params, "new", layout)
+        pipeline.attack_cache(params, layout)
+        for method in params.finetune.methods:
+            pipeline.finetune_method(params, method, layout)
+            pipeline.evaluate_method(params, method, layout)
+        pipeline.decide(params, layout)
+    finally:
+        os.chdir(previous)
+    return root
+
+
+def copy_evaluated(source: Path, destination: Path) -> Path:
+    """A private copy of :func:`evaluated_project` (data, params and the attack cache)."""
+    shutil.copytree(source, destination)
+    return destination

@@ -9,7 +9,9 @@ import pytest
 from rcat.config import DecisionConfig, DecisionRules
 from rcat.decision import check_rules, decide
 
-RULES = DecisionRules(max_nfr=0.05, max_rnfr=0.05, min_accuracy_delta=0.0, min_robust_accuracy_delta=0.0)
+# the rules against the old model only; those against the raw update and per class: tests/test_gate_rules.py
+RULES = DecisionRules(max_nfr=0.05, max_rnfr=0.05, min_accuracy_delta=0.0, min_robust_accuracy_delta=0.0,
+                      max_accuracy_drop_vs_new=None, max_robust_accuracy_drop_vs_new=None)
 CONFIG = DecisionConfig(rules=RULES)
 EXPECTED = {"validation": 100, "test": 200}
 
@@ -202,11 +204,11 @@ def test_grid_selection_keeps_the_lowest_validation_snfr():
     def point(snfr, robust=0.5, accuracy=0.9):
         return {"snfr": snfr, "robust_accuracy_new": robust, "accuracy_new": accuracy}
 
-    assert best_grid_point([point(0.08), point(0.03), point(0.05)]) == 1
-    assert best_grid_point([point(0.03, robust=0.4), point(0.03, robust=0.6)]) == 1
-    assert best_grid_point([point(0.03, accuracy=0.8), point(0.03, accuracy=0.85)]) == 1
-    assert best_grid_point([point(0.03), point(0.03)]) == 0
-    assert best_grid_point([point(float("nan")), point(0.2)]) == 1
-    assert best_grid_point([point(None), point(float("inf")), point(0.9)]) == 2
+    assert best_grid_point([point(0.08), point(0.03), point(0.05)])[0] == 1
+    assert best_grid_point([point(0.03, robust=0.4), point(0.03, robust=0.6)])[0] == 1
+    assert best_grid_point([point(0.03, accuracy=0.8), point(0.03, accuracy=0.85)])[0] == 1
+    assert best_grid_point([point(0.03), point(0.03)])[0] == 0
+    assert best_grid_point([point(float("nan")), point(0.2)])[0] == 1
+    assert best_grid_point([point(None), point(float("inf")), point(0.9)])[0] == 2
     with pytest.raises(ValueError):
         best_grid_point([])
