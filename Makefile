@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-fast fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the inner loop: everything but the end-to-end runs marked slow
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+# the property-based tests with many more examples than the suite's 40 per test (seeded: reproducible)
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	RCAT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider --hypothesis-show-statistics -q
 
 clean:
 	rm -rf data/prepared data/models data/attack_cache data/finetune data/evaluate data/decide mlflow.db mlruns mlartifacts

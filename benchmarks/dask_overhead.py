@@ -45,8 +45,8 @@ CHUNK = 200
 def _work():
     """The network and data every process rebuilds identically (seeded): no pickling of the work."""
     import torch
-
     from attack_throughput import load_data, train
+
     from rcat.config import AttackConfig
     from rcat.models import ModelSpec
 

@@ -39,10 +39,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rcat import pipeline  # noqa: E402
-from rcat.config import parse_params  # noqa: E402
-from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet  # noqa: E402
-from rcat.statistics import bootstrap_interval, mcnemar_exact  # noqa: E402
+from rcat import pipeline
+from rcat.config import parse_params
+from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
+from rcat.statistics import bootstrap_interval, mcnemar_exact
 
 INDICATORS = ("old_clean_correct", "new_clean_correct", "old_robust", "new_robust", "negative_flip", "robust_negative_flip")
 

@@ -33,13 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results_table import seed_params  # noqa: E402
+from results_table import seed_params
 
-from rcat import pipeline  # noqa: E402
-from rcat.config import parse_params  # noqa: E402
-from rcat.data import load_split  # noqa: E402
-from rcat.metrics import compare_outcomes  # noqa: E402
-from rcat.safe_io import atomic_path, read_json, sha256_file, write_json  # noqa: E402
+from rcat import pipeline
+from rcat.config import parse_params
+from rcat.data import load_split
+from rcat.metrics import compare_outcomes
+from rcat.safe_io import atomic_path, read_json, sha256_file, write_json
 
 TARGETS = {
     "old_min_accuracy": 0.55,

@@ -156,7 +156,7 @@ def retry_on_transient_failure(task: Any, task_run: Any, state: Any) -> bool:
     if error is None:
         try:
             state.result(raise_on_failure=True)
-        except BaseException as exc:  # noqa: BLE001 - whatever the task raised decides the retry
+        except BaseException as exc:
             error = exc
     retry = isinstance(error, StageFailed) and error.transient
     if retry:

@@ -18,13 +18,16 @@ from rcat.errors import ConfigError
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
+MAX_CLASSES = 10_000
+"""The most classes a model or a data source may have (labels must lie in 0..C-1)."""
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
-Epsilon = Annotated[float, Field(gt=0.0, le=1.0)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Epsilon = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class AttackConfig(Section):
@@ -50,7 +53,7 @@ class AttackConfig(Section):
     eps: Epsilon = 8 / 255
     steps: Annotated[int, Field(ge=1, le=100_000)] = 50
     restarts: Annotated[int, Field(ge=1, le=100)] = 1
-    step_size: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    step_size: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 500
     ensemble: list[AttackConfig] | None = None
     preset: Literal["autoattack-standard"] | None = None
@@ -218,22 +221,22 @@ class TrainConfig(Section):
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     data_fraction: Fraction = 1.0
     epochs: Annotated[int, Field(ge=1)] = 20
-    lr: Annotated[float, Field(gt=0.0)] = 0.05
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 0.05
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.9
     batch_size: Annotated[int, Field(ge=1)] = 64
     attack: AttackConfig = AttackConfig(name="pgd", loss="ce", steps=7)
     attack_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     augment: Literal["none", "crop_flip"] = "none"
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     seed: int = 0
 
 
 class WeightPoint(Section):
     """One (alpha, beta) setting of a method's hyper-parameter grid."""
 
-    alpha: Annotated[float, Field(ge=0.0)]
-    beta: Annotated[float, Field(ge=0.0)]
+    alpha: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    beta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 class MethodConfig(Section):
@@ -248,20 +251,25 @@ class MethodConfig(Section):
     correctly, decided per batch. ``attack_cache``: the old model was robust on the sample in the
     baseline attack cache ("no adversarial example was found before the update", the paper's own
     words), decided once per sample. ``constraint_term`` chooses the penalty on those samples:
-    ``distill`` (the paper: logit distance to the old model) or ``focal_ce`` (adversarial
-    cross-entropy, i.e. up-weighting the samples the old model resisted).
+    ``distill`` (the paper: logit distance to the old model) or ``new_error`` (adversarial
+    cross-entropy up-weighted on those samples: Bansal et al.'s 2019 "new-error" loss, the
+    BackwardCompatibilityML baseline, moved to the old model's robust set; it has no term toward
+    the old model's logits). ``focal_ce`` is the former name of ``new_error`` and means the same.
 
     ``grid`` (instead of ``alpha``/``beta``): fine-tune once per ``{alpha, beta}`` point and keep
-    the one with the lowest S-NFR on the validation split (ties: higher robust accuracy, then
-    higher accuracy, then grid order), as the paper's protocol intends. The authors' table script
+    the one with the lowest S-NFR on the validation split among the points whose accuracy and
+    robust accuracy stay within ``decision.rules.max_accuracy_drop_vs_new`` /
+    ``max_robust_accuracy_drop_vs_new`` of the new model's (ties: higher robust accuracy, then
+    higher accuracy, then grid order); when none does, the stage says so and keeps the point
+    closest to the limits, which the gate then rejects (:func:`rcat.decision.best_grid_point`). The authors' table script
     sorts with ``ascending=False`` and so keeps the *highest* S-NFR; that is not copied.
     """
 
     loss: Literal["at", "pct", "pct_at", "rcat"]
-    alpha: Annotated[float, Field(ge=0.0)] = 0.0
-    beta: Annotated[float, Field(ge=0.0)] = 0.0
+    alpha: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
+    beta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
     constraint_set: Literal["paper_proxy", "attack_cache"] = "paper_proxy"
-    constraint_term: Literal["distill", "focal_ce"] = "distill"
+    constraint_term: Literal["distill", "new_error", "focal_ce"] = "distill"
     grid: list[WeightPoint] | None = None
 
     @model_validator(mode="after")
@@ -300,8 +308,8 @@ class FinetuneConfig(Section):
     """Constrained fine-tuning shared settings; ``methods`` maps an output name to its loss."""
 
     epochs: Annotated[int, Field(ge=0)] = 10
-    lr: Annotated[float, Field(gt=0.0)] = 1e-3
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1e-3
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.9
     batch_size: Annotated[int, Field(ge=1)] = 128
     attack: AttackConfig = AttackConfig(name="fgsm_rs", loss="ce", steps=1)
     seed: int = 0
@@ -346,14 +354,14 @@ class DecisionRules(Section):
       p-value of the paired RNF sets at most this. Not applied to ``new`` itself.
     """
 
-    max_nfr: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.05
-    max_rnfr: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.05
-    min_accuracy_delta: Annotated[float, Field(ge=-1.0, le=1.0)] | None = 0.0
-    min_robust_accuracy_delta: Annotated[float, Field(ge=-1.0, le=1.0)] | None = 0.0
-    max_accuracy_drop_vs_new: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.01
-    max_robust_accuracy_drop_vs_new: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.01
-    max_class_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    max_rnf_cut_p_value: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    max_nfr: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = 0.05
+    max_rnfr: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = 0.05
+    min_accuracy_delta: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None = 0.0
+    min_robust_accuracy_delta: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None = 0.0
+    max_accuracy_drop_vs_new: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = 0.01
+    max_robust_accuracy_drop_vs_new: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = 0.01
+    max_class_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    max_rnf_cut_p_value: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
 
 
 class DecisionConfig(Section):
@@ -483,15 +491,86 @@ def parse_params(raw: Any, source: str = DEFAULT_PARAMS_FILE) -> Params:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+MAX_PARAMS_BYTES = 1 << 20
+"""A params file larger than this (1 MiB) is refused before it is parsed."""
+
+MAX_EXPANDED_NODES = 100_000
+"""The most YAML nodes a params file may expand to, aliases expanded (a 1 KB alias bomb expands to billions)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (DVC refuses them too; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Node count of ``node`` with every alias expanded, memoised per node (so computing it is cheap)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = 1  # a recursive alias counts once while it is being sized
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML config file safely: size-bounded, no duplicate keys, alias expansion bounded.
+
+    Anchors and aliases are allowed (the CIFAR-10 profiles share grids with them), but a document
+    whose expansion exceeds :data:`MAX_EXPANDED_NODES` nodes is refused before it is built.
+    """
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: {size} bytes; a params file may hold at most {MAX_PARAMS_BYTES} bytes")
+    text = path.read_text(encoding="utf-8", errors="strict")
+    try:
+        loader = _StrictLoader(text)
+        try:
+            node = loader.get_single_node()  # type: ignore[no-untyped-call]
+            if node is None:
+                return None
+            expanded = _expanded_size(node, {})
+            if expanded > MAX_EXPANDED_NODES:
+                raise ConfigError(f"{path}: expands to {expanded:,} YAML nodes through its aliases (at most {MAX_EXPANDED_NODES:,}); "
+                                  "write the values out instead of nesting aliases")
+            return loader.construct_document(node)  # type: ignore[no-untyped-call]
+        finally:
+            loader.dispose()  # type: ignore[no-untyped-call]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None)
+        detail = f" ({problem})" if problem and "duplicate key" in str(problem) else ""
+        raise ConfigError(f"{path}: not valid YAML{where}{detail}; fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to parse; flatten the file") from None
+
+
 def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS_FILE) -> Params:
-    """Read and validate a params file. Errors name the file and the key."""
+    """Read and validate a params file (:func:`read_yaml`, then :class:`Params`). Errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        raw = read_yaml(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     return parse_params(raw, str(path))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from rcat.config import DataConfig
+from rcat.config import MAX_CLASSES, DataConfig
 from rcat.errors import InputError
 from rcat.safe_io import read_tensors, sha256_tensors, write_tensors
 
@@ -165,10 +166,21 @@ def load_imagefolder(root: str | os.PathLike[str], resize: int | None = None, ce
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if len(classes) < 2:
         raise InputError(f"imagefolder:{root}: needs at least two class sub-directories, found {len(classes)}")
+    if len(classes) > MAX_CLASSES:
+        raise InputError(f"imagefolder:{root}: {len(classes)} class sub-directories, at most {MAX_CLASSES}")
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted((root / name).iterdir())
+        nested = [entry for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+        if nested:
+            # silently taking or skipping nested images would change the data without a word
+            raise InputError(f"{nested[0]}: a folder inside class folder '{name}'; images must sit directly in {root}/<class>/ "
+                             "(move them up, or point imagefolder: at the level whose sub-folders are the classes)")
+        found = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise InputError(f"{root / name}: class folder holds no images (suffixes {sorted(IMAGE_SUFFIXES)}); "
+                             "add its images or remove the folder (an empty class cannot be split or evaluated)")
         files.extend(found)
         labels.extend([label] * len(found))
     if not files:
@@ -180,8 +192,13 @@ def load_imagefolder(root: str | os.PathLike[str], resize: int | None = None, ce
     shape: tuple[int, ...] | None = None
     for position, file in enumerate(files):
         try:
-            with Image.open(file) as image:
-                array = np.asarray(_resize_and_crop(image.convert("RGB"), resize, center_crop), dtype=np.uint8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as image:
+                    array = np.asarray(_resize_and_crop(as_rgb8(image, file), resize, center_crop), dtype=np.uint8)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(f"{file}: image too large to decode safely ({exc.__class__.__name__}: more than "
+                             f"{Image.MAX_IMAGE_PIXELS:,} pixels); shrink it or remove it") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"{file}: unreadable or truncated image ({exc.__class__.__name__}); remove or replace it") from exc
         if shape is None:
@@ -194,6 +211,34 @@ def load_imagefolder(root: str | os.PathLike[str], resize: int | None = None, ce
     del pixels
     images.div_(255.0)
     return Dataset(images, torch.tensor(labels, dtype=torch.int64), tuple(classes), f"imagefolder:{root}")
+
+
+def as_rgb8(image: Any, file: Path) -> Any:
+    """An image as 8-bit RGB, keeping its real range.
+
+    * 8-bit modes (``L``, ``P``, ``RGB``, ``CMYK``, ...): Pillow's conversion; grey levels are
+      copied to the three channels.
+    * 16-bit grey (``I;16*``, and ``I`` with values in 0..65535, how Pillow opens 16-bit PNGs):
+      scaled by 255/65535 (Pillow's own conversion would clip every value above 255 to white).
+    * 32-bit float (``F``): must lie in [0, 1]; scaled by 255.
+    * Alpha (``RGBA``, ``LA``, ``PA``, or ``P`` with transparency) is dropped: the colour channels
+      are taken as stored, not composited onto a background.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise InputError(f"{file}: {mode} image with values {values.min():g}..{values.max():g}, outside the 16-bit range 0..65535; save it as 8 or 16 bits")
+        grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > 1):
+            raise InputError(f"{file}: float image with values outside [0, 1]; scale it or save it as 8 bits")
+        return Image.fromarray(np.rint(values * 255.0).astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 def _labels_from_array(labels: np.ndarray, n: int, where: str) -> torch.Tensor:
@@ -211,6 +256,9 @@ def _labels_from_array(labels: np.ndarray, n: int, where: str) -> torch.Tensor:
     labels = labels.astype(np.int64)
     if n and labels.min() < 0:
         raise InputError(f"{where}: labels must be 0..K-1, found {int(labels.min())}")
+    if n and labels.max() >= MAX_CLASSES:
+        # checked before anything is sized by the label (one label of 10**9 would allocate gigabytes)
+        raise InputError(f"{where}: label {int(labels.max())} is out of range; labels must lie in 0..K-1 with K at most {MAX_CLASSES}")
     return torch.from_numpy(labels)
 
 
@@ -423,6 +471,13 @@ def split_dataset(dataset: Dataset, config: DataConfig, seed: int) -> dict[str, 
     """
     indices = np.arange(len(dataset.labels))
     labels = dataset.labels.numpy()
+    counts = np.bincount(labels, minlength=dataset.num_classes) if len(labels) else np.zeros(dataset.num_classes, dtype=np.int64)
+    empty = [label for label, count in enumerate(counts[: dataset.num_classes]) if count == 0]
+    if empty:
+        # else scikit-learn's stratified split fails with a message about split sizes
+        name = dataset.classes[empty[0]] if empty[0] < len(dataset.classes) else str(empty[0])
+        raise InputError(f"data.source {dataset.source}: class {empty[0]} ({name!r}) has no samples ({len(empty)} empty of {dataset.num_classes}); "
+                         "labels must be 0..K-1 with every class present: relabel without gaps")
     total = config.finetune_fraction + config.validation_fraction + config.test_fraction
     try:
         rest, test = train_test_split(indices, test_size=config.test_fraction, stratify=labels, random_state=seed)
@@ -466,14 +521,21 @@ def load_split(path: str | os.PathLike[str]) -> Split:
     missing = {"images", "labels", "sample_index"} - tensors.keys()
     if missing or "num_classes" not in metadata:
         raise InputError(f"{path}: not an rcat split file (missing {sorted(missing) or ['num_classes']}); write it with 'dvc repro prepare'")
-    split = Split(
-        metadata.get("split", Path(path).stem),
-        tensors["images"],
-        tensors["labels"],
-        tensors["sample_index"],
-        int(metadata["num_classes"]),
-        metadata.get("source", "unknown"),
-    )
+    try:
+        num_classes = int(metadata["num_classes"])
+    except ValueError:
+        raise InputError(f"{path}: header field num_classes {metadata['num_classes']!r} is not an integer; rerun 'dvc repro prepare'") from None
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise InputError(f"{path}: header field num_classes {num_classes} must lie in 1..{MAX_CLASSES}; rerun 'dvc repro prepare'")
+    images, labels, sample_index = tensors["images"], tensors["labels"], tensors["sample_index"]
+    if images.ndim != 4 or not images.is_floating_point():
+        raise InputError(f"{path}: images must be a float (N, C, H, W) tensor, got {images.dtype} of shape {tuple(images.shape)}")
+    for name, tensor in (("labels", labels), ("sample_index", sample_index)):
+        if tensor.dtype != torch.int64 or tensor.shape != (images.shape[0],):
+            raise InputError(f"{path}: {name} must be int64 with one entry per image ({images.shape[0]}), got {tensor.dtype} of shape {tuple(tensor.shape)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise InputError(f"{path}: labels must lie in 0..{num_classes - 1}, found {int(labels.min())}..{int(labels.max())}; rerun 'dvc repro prepare'")
+    split = Split(metadata.get("split", Path(path).stem), images, labels, sample_index, num_classes, metadata.get("source", "unknown"))
     if metadata.get("digest") and split.digest != metadata["digest"]:
         raise InputError(f"{path}: content digest does not match its header (file corrupted or edited); rerun 'dvc repro prepare'")
     validate_images(split.images, split.labels, str(path))

@@ -615,6 +615,7 @@ def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.T
         raise InputError(f"engine.workers > 1 / engine.dask_address need prefect-dask ({exc}); pip install 'prefect-dask>=0.3'") from exc
 
     if address:
+        _require_reachable(address)
         runner = DaskTaskRunner(address=address)
     else:
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
@@ -632,6 +633,28 @@ def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.T
             return attack_chunks(token)
     finally:
         _DRIVER_RUNS.pop(token, None)
+
+
+def _require_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line :class:`InputError` unless a TCP connection to the scheduler at ``address`` opens
+    within ``timeout`` seconds (Dask's own client would retry for its connect timeout, then raise
+    a traceback from deep inside the flow)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port or 8786
+    except ValueError as exc:
+        raise InputError(f"engine.dask_address {address!r}: not an address ({exc}); use tcp://host:port") from None
+    if not host:
+        raise InputError(f"engine.dask_address {address!r}: no host; use tcp://host:port")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise InputError(f"engine.dask_address {address}: no Dask scheduler answered ({exc.strerror or exc}); "
+                         "start one (dask scheduler), or set engine.dask_address: null to attack in this process") from None
 
 
 _DRIVER_RUNS: dict[str, dict[str, Any]] = {}

@@ -15,6 +15,10 @@ class ConfigError(InputError):
     """``params.yaml`` (or another config file) failed validation."""
 
 
+class TrainingFailed(RcatError):
+    """A training or fine-tuning run diverged or learned nothing; the message names the stage, the epoch and what to change."""
+
+
 class UpdateRejected(RcatError):
     """The update gate rejected the candidate (raised only where the caller asked to fail on reject)."""
 

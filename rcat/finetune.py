@@ -20,6 +20,7 @@ from torch import nn
 from rcat.attacks import training_attack
 from rcat.config import AttackConfig, FinetuneConfig, MethodConfig, TrainConfig
 from rcat.data import Split
+from rcat.errors import TrainingFailed
 from rcat.losses import LossTerms, at_loss, pct_loss, rcat_loss
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -49,6 +50,7 @@ def _epochs(
     augment: str = "none",
     lr_schedule: str = "constant",
     weight_decay: float = 0.0,
+    label: str = "training",
 ) -> TrainingHistory:
     """The shared loop: seeded shuffling, optional augmentation, SGD steps (optionally on a cosine
     schedule), per-epoch averages."""
@@ -84,13 +86,37 @@ def _epochs(
                 sums[key] = sums.get(key, 0.0) + value * len(batch)
             seen += len(batch)
         summary = {key: value / seen for key, value in sums.items()}
-        if not torch.isfinite(torch.tensor(summary["loss"])):
-            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {summary['loss']}); lower the learning rate")
+        if not math.isfinite(summary["loss"]):
+            raise TrainingFailed(f"{label}: training diverged at epoch {epoch + 1} of {epochs} (mean loss {summary['loss']}); "
+                                 f"lower the learning rate (lr {lr:g})")
         history.epochs.append(summary)
         if on_epoch is not None:
             on_epoch(epoch + 1, summary)
     network.eval()
+    if history.epochs:
+        _require_learning(history.epochs[-1], split, label, epochs, lr)
     return history
+
+
+CHANCE_MARGIN = 0.01
+"""How far above a constant predictor a run's last epoch must be to count as having learned."""
+
+
+def _require_learning(last: dict[str, float], split: Split, label: str, epochs: int, lr: float) -> None:
+    """Fail a run whose last epoch is no better than predicting the most frequent class.
+
+    A constant predictor scores the majority class's share of the training labels; a run whose
+    mean training accuracy in its last epoch is within :data:`CHANCE_MARGIN` of that has learned
+    nothing (e.g. ``lr: 1e6`` gives a loss of 1e26 and a constant prediction), and its robust
+    accuracy would equal its accuracy for the wrong reason.
+    """
+    counts = torch.bincount(split.labels, minlength=split.num_classes)
+    majority = float(counts.max()) / max(1, len(split))
+    accuracy = last.get("train_accuracy", math.nan)
+    if not accuracy > majority + CHANCE_MARGIN:
+        raise TrainingFailed(f"{label}: training accuracy in the last epoch ({epochs}) is {accuracy:.3f}, no better than always predicting "
+                             f"the most frequent class ({majority:.3f}); the run learned nothing: lower the learning rate (lr {lr:g}), "
+                             "train longer, or warm the training attack up (attack_warmup_epochs)")
 
 
 def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -116,7 +142,8 @@ def warmed_up(attack: AttackConfig, fraction: float) -> AttackConfig:
     return attack.model_copy(update=update)
 
 
-def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, device: torch.device, on_epoch: EpochCallback | None = None) -> TrainingHistory:
+def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, device: torch.device, on_epoch: EpochCallback | None = None,
+                      label: str = "training") -> TrainingHistory:
     """Adversarial training from scratch: CE on the training attack's points (Madry et al. with PGD by default)."""
     network.to(device)
     steps_per_epoch = math.ceil(len(split) / config.batch_size)
@@ -135,7 +162,7 @@ def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, dev
     return _epochs(
         network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
         seed=config.seed, device=device, step=step, on_epoch=on_epoch,
-        augment=config.augment, lr_schedule=config.lr_schedule, weight_decay=config.weight_decay,
+        augment=config.augment, lr_schedule=config.lr_schedule, weight_decay=config.weight_decay, label=label,
     )
 
 
@@ -148,6 +175,7 @@ def finetune(
     device: torch.device,
     on_epoch: EpochCallback | None = None,
     old_robust: torch.Tensor | None = None,
+    label: str = "fine-tuning",
 ) -> tuple[nn.Module, TrainingHistory]:
     """Fine-tune a copy of ``new_network`` with ``method``'s loss; ``old_network`` and a frozen copy
     of the new network provide the reference logits. Returns the fine-tuned network (eval mode).
@@ -180,6 +208,6 @@ def finetune(
 
     history = _epochs(
         network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
-        seed=config.seed, device=device, step=step, on_epoch=on_epoch,
+        seed=config.seed, device=device, step=step, on_epoch=on_epoch, label=label,
     )
     return network, history

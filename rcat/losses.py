@@ -102,7 +102,10 @@ def rcat_loss(
     default, the paper's proxy: the old model is correct on that same input; ``constraint_mask``
     replaces it (e.g. the old model's robust flags from the baseline attack cache). The penalty is
     ``D(z, z_old)`` (``distill``, the paper) or the per-sample cross-entropy ``CE(z_i, y_i)``
-    (``focal_ce``). Denominators are clamped to at least 1.
+    (``new_error``; ``focal_ce`` is its former name). The latter has no term toward the old
+    model's logits: it is Bansal et al.'s "new-error" loss (AAAI 2019; BackwardCompatibilityML's
+    ``new_error`` loss: cross-entropy up-weighted on the samples the old model got right), here on
+    adversarial inputs and on the old model's robust set. Denominators are clamped to at least 1.
     """
     old_logits, new0_logits = old_logits.detach(), new0_logits.detach()  # fixed targets
     ce = F.cross_entropy(logits, labels)
@@ -111,10 +114,10 @@ def rcat_loss(
     distill_new = alpha * masked_mean(logit_distance(logits, new0_logits), new0_correct)
     if constraint_term == "distill":
         penalty = logit_distance(logits, old_logits)
-    elif constraint_term == "focal_ce":
+    elif constraint_term in {"new_error", "focal_ce"}:
         penalty = F.cross_entropy(logits, labels, reduction="none")
     else:
-        raise ValueError(f"constraint_term {constraint_term!r}: use 'distill' or 'focal_ce'")
+        raise ValueError(f"constraint_term {constraint_term!r}: use 'distill' or 'new_error'")
     distill_old = beta * masked_mean(penalty, constrained)
     ce_term = (1.0 - alpha - beta) * ce
     return LossTerms(ce_term + distill_new + distill_old, ce_term, distill_new, distill_old, float(constrained.float().mean()))

@@ -14,11 +14,13 @@ import os
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from rcat.config import MAX_CLASSES
 from rcat.errors import InputError
 from rcat.safe_io import read_tensors, sha256_tensors, write_tensors
 
@@ -145,8 +147,14 @@ class ModelSpec:
         elif self.architecture in ARCHITECTURES:
             kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in self.kwargs.items()}
             try:
+                # first on the meta device: sizes are known without allocating (hidden: [10**12] would take terabytes)
+                with torch.device("meta"):
+                    count = sum(parameter.numel() for parameter in ARCHITECTURES[self.architecture](self.input_shape, self.num_classes, **kwargs).parameters())
+                if count > MAX_WEIGHTS:
+                    raise InputError(f"architecture_kwargs {self.kwargs} for {self.architecture!r} give {count:,} weights "
+                                     f"(at most {MAX_WEIGHTS:,}); use smaller layers")
                 network = ARCHITECTURES[self.architecture](self.input_shape, self.num_classes, **kwargs)
-            except TypeError as exc:
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
                 raise InputError(f"architecture_kwargs for {self.architecture!r}: {exc}") from exc
         else:
             raise InputError(f"architecture {self.architecture!r} is unknown; use one of {sorted(ARCHITECTURES)} or a factory reference")
@@ -166,16 +174,69 @@ class ModelSpec:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], where: str) -> ModelSpec:
+        """Parse and bound-check a model file's header (see :func:`parse_header`)."""
         if metadata.get("format") != MODEL_FORMAT:
             raise InputError(f"{where}: not an rcat model file (header format {metadata.get('format')!r}, expected {MODEL_FORMAT!r})")
-        normalization = json.loads(metadata.get("normalization", "null"))
-        return cls(
-            architecture=metadata["architecture"],
-            input_shape=tuple(json.loads(metadata["input_shape"])),
-            num_classes=int(metadata["num_classes"]),
-            kwargs=json.loads(metadata["kwargs"]),
-            normalization=None if normalization is None else (tuple(normalization[0]), tuple(normalization[1])),
-        )
+        header = parse_header(metadata, where)
+        return cls(architecture=header.architecture, input_shape=tuple(header.input_shape), num_classes=header.num_classes,
+                   kwargs=header.kwargs, normalization=header.normalization)
+
+
+MAX_INPUT_VALUES = 50_000_000
+"""The most values one input may hold (C x H x W); larger shapes are refused before anything is allocated."""
+MAX_WEIGHTS = 500_000_000
+"""The most weights a built-in architecture may have (2 GB of float32), counted before allocating them."""
+
+
+class ModelHeader(BaseModel):
+    """The typed schema of an rcat model file's header: every field bounded before anything is built."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    architecture: Annotated[str, Field(min_length=1, max_length=256)]
+    kwargs: dict[str, Any]
+    input_shape: Annotated[list[Annotated[int, Field(ge=1, le=65_536)]], Field(min_length=1, max_length=4)]
+    num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
+    normalization: tuple[list[Annotated[float, Field(allow_inf_nan=False)]], list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]]] | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ModelHeader:
+        values = 1
+        for size in self.input_shape:
+            values *= size
+        if values > MAX_INPUT_VALUES:
+            raise ValueError(f"input_shape {self.input_shape} holds {values:,} values per input (at most {MAX_INPUT_VALUES:,})")
+        if self.normalization is not None and (len(self.normalization[0]) != len(self.normalization[1]) or len(self.normalization[0]) > 4096):
+            raise ValueError("normalization needs one mean and one std per channel")
+        return self
+
+
+MAX_HEADER_FIELD_BYTES = 65_536
+
+
+def parse_header(metadata: dict[str, str], where: str) -> ModelHeader:
+    """Decode the JSON fields of a model header and validate them as a :class:`ModelHeader`.
+
+    Every malformed header (a missing field, a field that is not JSON, a wrong type, an out-of-range
+    size) is one :class:`InputError` naming the file and the field.
+    """
+    fields: dict[str, Any] = {"architecture": metadata.get("architecture")}
+    for name, default in (("kwargs", None), ("input_shape", None), ("num_classes", None), ("normalization", "null")):
+        text = metadata.get(name, default)
+        if text is None:
+            raise InputError(f"{where}: model header has no field '{name}'; the file is not a complete rcat model file, re-save it with rcat")
+        if len(text) > MAX_HEADER_FIELD_BYTES:
+            raise InputError(f"{where}: model header field '{name}' is {len(text)} bytes (at most {MAX_HEADER_FIELD_BYTES})")
+        try:
+            fields[name] = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise InputError(f"{where}: model header field '{name}' is not valid JSON ({text[:40]!r}); re-save the model with rcat") from None
+    try:
+        return ModelHeader.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field_name = ".".join(str(part) for part in first["loc"]) or "header"
+        raise InputError(f"{where}: model header field '{field_name}': {first['msg']}; re-save the model with rcat") from None
 
 
 @dataclass

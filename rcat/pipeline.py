@@ -27,9 +27,9 @@ from rcat.errors import InputError, UpdateRejected
 from rcat.finetune import adversarial_train, finetune
 from rcat.metrics import compare_outcomes
 from rcat.models import FACTORY_PREFIX, TORCHSCRIPT_PREFIX, LoadedModel, ModelSpec, check_model_on, load_model, load_model_reference, save_model, weights_digest
+from rcat.results import EVALUATED_SPLITS, EvidenceError, Layout, load_candidates, require, write_evidence
 from rcat.runtime import code_revision, resolve_device, seed_everything
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
-from rcat.results import EVALUATED_SPLITS, EvidenceError, Layout, load_candidates, require, write_evidence
 from rcat.tracking import Tracker
 
 __all__ = ["EVALUATED_SPLITS", "Layout"]
@@ -94,7 +94,7 @@ def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = N
     spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs), normalization)
     network = spec.build()
     curves: list[tuple[int, dict[str, float]]] = []
-    history = adversarial_train(network, split, config, device, on_epoch=lambda epoch, values: curves.append((epoch, values)))
+    history = adversarial_train(network, split, config, device, on_epoch=lambda epoch, values: curves.append((epoch, values)), label=f"stage train_{role}")
     digest = save_model(network.cpu(), spec, layout.model(role), extra={"role": role, "trained_on": split.digest})
     write_json(layout.training_history(role), {"role": role, "n_train_samples": len(split), "epochs": history.epochs, "weights_digest": digest})
     if tracker is not None:
@@ -264,7 +264,7 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
         chosen = method
         curves: list[tuple[int, dict[str, float]]] = []
         network, history = finetune(new.network, old.network, split, params.finetune, method, device,
-                                    on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust)
+                                    on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust, label=f"stage finetune@{method_name}")
     else:
         chosen, network, history, curves, grid, within_limits = _search_grid(params, layout, method_name, method, new, old, split, device, old_robust)
     extra = {"method": method_name, "loss": method.loss, "alpha": str(chosen.alpha), "beta": str(chosen.beta), "base_digest": new.digest, "old_digest": old.digest}
@@ -304,7 +304,8 @@ def _search_grid(params: Params, layout: Layout, method_name: str, method: Metho
         seed_everything(params.finetune.seed)
         curves: list[tuple[int, dict[str, float]]] = []
         network, history = finetune(new.network, old.network, split, params.finetune, point, device,
-                                    on_epoch=lambda e, v, curves=curves: curves.append((e, v)), old_robust=old_robust)
+                                    on_epoch=lambda e, v, curves=curves: curves.append((e, v)), old_robust=old_robust,
+                                    label=f"stage finetune@{method_name} (grid point {index})")
         candidate = LoadedModel(network, new.spec, weights_digest(network), f"{method_name} grid point {index}")
         outcomes = attack_model_on_splits(candidate, method_name, validation, params.attack, params.seed, device, params.engine)
         metrics, _ = _split_metrics(old_outcomes, outcomes, ("validation",))

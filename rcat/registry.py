@@ -233,9 +233,7 @@ def pinned_reference(name: str, alias: str = CHAMPION, tracking_uri: str | None 
 
     from mlflow.tracking import MlflowClient
 
-    from rcat.errors import InputError
-
-    from rcat.errors import TrackingUnavailable
+    from rcat.errors import InputError, TrackingUnavailable
     from rcat.tracking import HTTP_DEFAULTS, _is_tracking_failure, _is_transient, redact_uri
 
     for variable, value in HTTP_DEFAULTS.items():  # fail in seconds, not after MLflow's minutes of retries

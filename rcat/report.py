@@ -442,7 +442,7 @@ def _per_class_section(counts: pd.DataFrame, split: str) -> str:
     head = "".join(f"<th colspan=2>{_e(c)}</th>" for c in candidates)
     sub = "<th>NF</th><th>RNF</th>" * len(candidates)
     rows = [f'<table class="per-class" data-split="{_e(split)}"><tr><th class="name" rowspan=2>class</th><th rowspan=2>n</th>{head}</tr><tr>{sub}</tr>']
-    for class_index, part in counts.groupby("class_index", sort=True):
+    for _class_index, part in counts.groupby("class_index", sort=True):
         part = part.set_index("candidate")
         cells = "".join(f"<td>{int(part.loc[c, 'negative_flips'])}</td><td>{int(part.loc[c, 'robust_negative_flips'])}</td>" for c in candidates)
         rows.append(f'<tr><td class="name">{_e(part["class"].iloc[0])}</td><td>{int(part["n_samples"].iloc[0])}</td>{cells}</tr>')

@@ -31,13 +31,14 @@ import contextlib
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from rcat.config import Params, TrackingConfig
-from rcat.errors import TrackingError, TrackingUnavailable
+from rcat.errors import InputError, TrackingError, TrackingUnavailable
 from rcat.runtime import code_revision
 from rcat.safe_io import sha256_json
 
@@ -62,6 +63,24 @@ HTTP_DEFAULTS = {
 def tracking_uri(config: TrackingConfig) -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the params' URI (default ``sqlite:///mlflow.db``)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A mistyped SQLite URI must not silently start an empty MLflow store.
+
+    ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` only; its directory must exist. When
+    the file does not exist yet, one line on stderr says that a new store is created where (a
+    typo then shows at once, instead of as a registry without its champion).
+    """
+    if not uri.startswith("sqlite:"):
+        return
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+        raise InputError(f"tracking.uri {uri!r}: an SQLite store is 'sqlite:///relative/path.db' or 'sqlite:////absolute/path.db' (three or four slashes)")
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not path.parent.is_dir():
+        raise InputError(f"tracking.uri {uri!r}: directory {path.parent} does not exist; fix the path or create the directory")
+    if not path.exists():
+        sys.stderr.write(f"rcat: note: no MLflow store at {path}; creating a new, empty one (tracking.uri {uri})\n")
 
 
 def redact_uri(uri: str) -> str:
@@ -281,6 +300,7 @@ class Tracker:
             os.environ.setdefault(name, value)
         from mlflow.tracking import MlflowClient
 
+        check_sqlite_store(self.uri)
         client = _GuardedClient(self._call(MlflowClient, tracking_uri=self.uri), self)
         experiment = client.get_experiment_by_name(self.config.experiment)
         self._experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.config.experiment)

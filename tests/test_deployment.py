@@ -138,7 +138,7 @@ def test_served_deployment_is_scheduled_and_a_triggered_run_completes(served_wor
                 try:
                     deployment = client.read_deployment_by_name(DEPLOYMENT)
                     break
-                except Exception:  # noqa: BLE001 - not registered yet
+                except Exception:
                     assert time.monotonic() < deadline, f"no deployment {DEPLOYMENT} after 120 s:\n{log_tail(log)}"
                     time.sleep(1)
             assert [schedule.schedule.cron for schedule in deployment.schedules] == ["30 4 * * 1-5"]

@@ -19,14 +19,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import REPO_ROOT
 from rcat import attacks as attacks_module
 from rcat import engine
 from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes, build_attack
 from rcat.config import AttackConfig, EngineConfig, parse_params
 from rcat.data import Split
 from rcat.errors import ConfigError, InputError
-
-from conftest import REPO_ROOT
 
 EPS = 0.1
 APGD = AttackConfig(name="apgd", loss="dlr", eps=EPS, steps=5, batch_size=16)

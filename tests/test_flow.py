@@ -15,8 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `pipelines` is not an installed package; plain `pytest` does not add the root
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipelines import update_pipeline as flow_module  # noqa: E402
-from pipelines.update_pipeline import StageFailed, parse_dvc_output, reproduce, update_pipeline  # noqa: E402
+from pipelines import update_pipeline as flow_module
+from pipelines.update_pipeline import StageFailed, parse_dvc_output, reproduce, update_pipeline
 
 CANNED_REPRO_OUTPUT = """\
 Stage 'finetune@at' didn't change, skipping

@@ -10,7 +10,6 @@ import torch
 from rcat.losses import at_loss, logit_distance, masked_mean, pct_loss, rcat_loss
 
 
-
 def D(a: torch.Tensor, b: torch.Tensor) -> float:
     """D(a, b) = (1 / (2C)) * sum_k (a_k - b_k)^2 for one sample, in plain Python."""
     values_a, values_b = a.tolist(), b.tolist()

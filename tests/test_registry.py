@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from conftest import reduced_params
 
 EXPERIMENT = "rcat-registry-test"

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from conftest import copy_project, reduced_params
 
 METHODS = {"at": {"loss": "at"}, "rcat": {"loss": "rcat", "alpha": 0.5, "beta": 0.4}}

@@ -132,9 +132,8 @@ def test_tracking_server_that_never_answers_times_out(tmp_path, monkeypatch, iso
         raw = repo_params(tracking__enabled=True, tracking__uri=uri)
         tracker = Tracker(load_params(write_params(tmp_path / "params.yaml", raw)), root=tmp_path)
         start = time.monotonic()
-        with pytest.raises(TrackingUnavailable, match="timed out") as info:
-            with tracker.child("train_old", "stage"):
-                pass
+        with pytest.raises(TrackingUnavailable, match="timed out") as info, tracker.child("train_old", "stage"):
+            pass
         elapsed = time.monotonic() - start
     message = str(info.value)
     assert uri in message and f"after {ATTEMPTS} attempts" in message and "'train_old'" in message and "\n" not in message

@@ -34,21 +34,19 @@ class Boom(Exception):
 def test_atomic_path_failure_leaves_old_file_and_no_temp(tmp_path, error):
     target = tmp_path / "out.json"
     target.write_text("old content")
-    with pytest.raises(error):
-        with atomic_path(target) as tmp:
-            assert tmp.parent == target.parent and tmp != target
-            tmp.write_text("half-written new content")
-            raise error()
+    with pytest.raises(error), atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("half-written new content")
+        raise error()
     assert target.read_text() == "old content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
 def test_atomic_path_failure_without_previous_file_leaves_nothing(tmp_path):
     target = tmp_path / "sub" / "new.bin"
-    with pytest.raises(Boom):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"x")
-            raise Boom()
+    with pytest.raises(Boom), atomic_path(target) as tmp:
+        tmp.write_bytes(b"x")
+        raise Boom()
     assert not target.exists()
     assert list((tmp_path / "sub").iterdir()) == []
 

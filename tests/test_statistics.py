@@ -32,7 +32,7 @@ def test_bootstrap_interval_brackets_the_rate_and_shrinks_with_n():
     low_l, high_l = bootstrap_interval(large)
     assert low_s <= small.mean() <= high_s and low_l <= large.mean() <= high_l
     assert (high_l - low_l) < (high_s - low_s) / 5
-    assert 0.0 <= low_s and high_s <= 1.0
+    assert low_s >= 0.0 and high_s <= 1.0
 
 
 def test_bootstrap_degenerate_and_paired_seeds():
