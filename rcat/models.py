@@ -178,8 +178,9 @@ class ModelSpec:
         if metadata.get("format") != MODEL_FORMAT:
             raise InputError(f"{where}: not an rcat model file (header format {metadata.get('format')!r}, expected {MODEL_FORMAT!r})")
         header = parse_header(metadata, where)
+        normalization = None if header.normalization is None else (tuple(header.normalization[0]), tuple(header.normalization[1]))
         return cls(architecture=header.architecture, input_shape=tuple(header.input_shape), num_classes=header.num_classes,
-                   kwargs=header.kwargs, normalization=header.normalization)
+                   kwargs=header.kwargs, normalization=normalization)
 
 
 MAX_INPUT_VALUES = 50_000_000

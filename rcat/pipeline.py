@@ -407,6 +407,8 @@ def gather_evaluations(layout: Layout, candidates: list[str], *, split_digests: 
     present = [name for name in candidates if (layout.evaluation(name) / EVIDENCE_FILE).is_file() or (layout.evaluation(name) / "metrics.json").is_file()]
     problems = [f"{layout.evaluation(name)}: {name} was not evaluated (no evaluation found); run 'dvc repro'" for name in candidates if name not in present]
     _, verified = load_candidates(layout, present, split_digests=split_digests, attack_identity=attack_identity, seed=seed)
+    if verified and num_classes < 1:
+        raise InputError(f"{layout.manifest}: no num_classes, which the per-class rules need; rerun 'dvc repro prepare'")
     evaluations: Evaluations = {}
     for name in candidates:
         item = verified.get(name)
@@ -424,10 +426,15 @@ def gather_evaluations(layout: Layout, candidates: list[str], *, split_digests: 
 
 
 def _evaluation_inputs(params: Params, layout: Layout) -> tuple[dict[str, str], int, dict[str, int]]:
+    """Split digests, class count and split sizes from the prepare stage's manifest (one-line errors when malformed)."""
     manifest = read_json(require(layout.manifest, "prepare"))
-    digests = {split: manifest["splits"][split]["digest"] for split in EVALUATED_SPLITS}
-    expected = {split: manifest["splits"][split]["n_samples"] for split in EVALUATED_SPLITS}
-    return digests, int(manifest["num_classes"]), expected
+    try:
+        digests = {split: str(manifest["splits"][split]["digest"]) for split in EVALUATED_SPLITS}
+        expected = {split: int(manifest["splits"][split]["n_samples"]) for split in EVALUATED_SPLITS}
+        num_classes = int(manifest.get("num_classes", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{layout.manifest}: malformed manifest (missing or bad {exc}); rerun 'dvc repro prepare'") from None
+    return digests, num_classes, expected
 
 
 def input_digests(params: Params, layout: Layout, evidence: dict[str, dict[str, str]]) -> dict[str, Any]:

@@ -379,7 +379,11 @@ def _check_rows(checks: list[dict[str, Any]]) -> str:
         shown = f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else _e(value if value is not None else check.get("detail", "n/a"))
         limit = f"{threshold:.4g}" if isinstance(threshold, (int, float)) else "&ndash;"
         status = '<span class="pass">met</span>' if check.get("passed") else '<span class="fail">broken</span>'
-        rows.append(f"<tr><td class=\"name\">{_e(check.get('rule'))}</td><td>{shown}</td><td>{limit}</td><td>{status}</td></tr>")
+        notes = [str(check["estimate"])] if check.get("estimate") not in (None, "point") else []
+        if check.get("class") is not None:
+            notes.append(f"class {check['class']}")
+        name = _e(check.get("rule")) + (f" <span class=\"ci\">({_e(', '.join(notes))})</span>" if notes else "")
+        rows.append(f"<tr><td class=\"name\">{name}</td><td>{shown}</td><td>{limit}</td><td>{status}</td></tr>")
     return "".join(rows)
 
 

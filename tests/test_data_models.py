@@ -416,7 +416,7 @@ def test_plain_pickle_is_refused(tmp_path):
 
 def test_unknown_architecture_and_bad_kwargs():
     with pytest.raises(InputError, match="unknown"):
-        ModelSpec("resnet", (1, 8, 8), 10).build()
+        ModelSpec("vgg", (1, 8, 8), 10).build()
     with pytest.raises(InputError, match="architecture_kwargs"):
         ModelSpec("mlp", (1, 8, 8), 10, {"width": 3}).build()
 

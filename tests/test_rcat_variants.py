@@ -164,6 +164,8 @@ def test_training_attack_eps_warms_up_linearly(tiny_split, monkeypatch):
         return call
 
     monkeypatch.setattr(finetune_module, "training_attack", recording)
+    # 4 epochs at eps 0.2 on 120 digits learn nothing, which fails the run; this test is about the schedule
+    monkeypatch.setattr(finetune_module, "_require_learning", lambda *args: None)
     batch_size = 64
     steps_per_epoch = -(-len(tiny_split) // batch_size)
     attack = {"name": "fgsm_rs", "loss": "ce", "eps": 0.2, "step_size": 0.25}

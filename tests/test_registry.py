@@ -272,9 +272,20 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     assert {client.get_model_version(MODEL_NAME, v).tags["rcat.decision"] for v in _versions_of(client, tracker3.parent().run_id).values()} == {"inadmissible"}
     assert len(json.loads(registered.tags[HISTORY_TAG])) == 2
 
-    # ---- check 4: an incomplete evaluation; the gate still promotes 'new', the registry is not touched
-    (layout2.evaluation("at") / "metrics.json").unlink()
+    # ---- check 4a: a file of an evaluation's evidence is gone: the decision stops before the registry
+    import shutil
+
+    from rcat.results import EvidenceError
+
+    evaluation_at = layout2.evaluation("at")
+    shutil.copytree(evaluation_at, root2 / "at-evaluation-backup")
+    (evaluation_at / "metrics.json").unlink()
     raw4 = raw2 | {"decision": raw2["decision"] | {"rank_by": "rnfr"}}
+    with pytest.raises(EvidenceError, match="metrics.json: missing"):
+        _decide(root2, raw4)
+    assert client.get_registered_model(MODEL_NAME).aliases[CHAMPION] == m2_version
+    # ---- check 4b: an evaluation missing altogether; the gate still promotes 'new', the registry is not touched
+    shutil.rmtree(evaluation_at)
     _, _, tracker4, record4 = _decide(root2, raw4)
     assert record4["verdict"] == "promote" and record4["problems"]
     parent4 = tracker4.parent().run_id

@@ -302,7 +302,7 @@ def test_killed_stage_leaves_no_partial_output_and_reruns(pipeline_workspace, tm
 
     work = pipeline_workspace
     raw = yaml.safe_load((work / "params.yaml").read_text())  # the fixture's reduced params, smaller still
-    raw["train_old"]["epochs"] = raw["train_new"]["epochs"] = 1
+    raw["train_new"]["epochs"] = 2  # train_old keeps the fixture's 4 epochs: 1 epoch learns nothing, which fails the stage
     raw["finetune"]["epochs"] = 1
     raw["finetune"]["methods"] = {"rcat": raw["finetune"]["methods"]["rcat"]}
     raw["attack"]["steps"] = 2
