@@ -8,7 +8,8 @@ later pipeline run on the same data reuses those attacks from ``engine.cache_dir
 
 * ``docs/results/models/<name>/seed-<s>/{old,new}.safetensors``: the pair (rcat model files);
 * ``docs/results/<name>/seed-<s>.json``: the training budget (images, epochs, weights, seconds,
-  threads), and per model and split the clean and robust accuracy (fractions of the split, overall
+  threads, and the training config; ``train_seconds`` is wall time, longer when the machine was
+  shared), and per model and split the clean and robust accuracy (fractions of the split, overall
   and per class), the raw update's NFR / RNFR, and whether the pair meets the profile's targets.
 
     python benchmarks/train_pair.py --params benchmarks/profiles/cifar10_pair.yaml --seed 0
@@ -96,6 +97,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--measure-only", action="store_true", help="reuse the work directory's trained models")
+    parser.add_argument("--reuse-trained", action="store_true",
+                        help="keep a model already trained in the work directory when its recorded training config equals the profile's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,23 +108,31 @@ def main() -> int:
     layout = pipeline.Layout(work / "data")
     record: dict = {"seed": args.seed, "params": args.params, "threads": torch.get_num_threads(), "budget": {}}
     if not args.measure_only:
+        previous = read_json(work / "budget.json") if (work / "budget.json").is_file() else {}
         start = time.perf_counter()
         pipeline.prepare(params, layout)
         record["budget"]["prepare_seconds"] = round(time.perf_counter() - start, 1)
         for role in ("old", "new"):
+            config = params.train_old if role == "old" else params.train_new
+            wanted = config.model_dump(mode="json")
+            kept = previous.get(role, {})
+            if args.reuse_trained and kept.get("config") == wanted and layout.model(role).is_file():
+                record["budget"][role] = kept | {"reused": True}
+                print(f"seed {args.seed}: kept the trained {role} model (same training config)", flush=True)
+                continue
             start = time.perf_counter()
             pipeline.train(params, role, layout)
             seconds = time.perf_counter() - start
             history = read_json(layout.training_history(role))
-            config = params.train_old if role == "old" else params.train_new
             network = pipeline.load_model(layout.model(role), "cpu").network
             record["budget"][role] = {
                 "architecture": config.architecture, "architecture_kwargs": config.architecture_kwargs,
                 "weights": sum(p.numel() for p in network.parameters()), "n_train_images": history["n_train_samples"],
-                "epochs": config.epochs, "train_seconds": round(seconds, 1), "last_epoch": history["epochs"][-1],
+                "epochs": config.epochs, "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+                "last_epoch": history["epochs"][-1], "config": wanted,
             }
             print(f"seed {args.seed}: trained {role} in {seconds:.0f} s; last epoch {history['epochs'][-1]}", flush=True)
-        write_json(work / "budget.json", record["budget"])
+            write_json(work / "budget.json", record["budget"])
     else:
         record["budget"] = read_json(work / "budget.json")
     start = time.perf_counter()

@@ -37,6 +37,27 @@ __all__ = ["EVALUATED_SPLITS", "Layout"]
 _require = require
 
 
+def epoch_logger(label: str, epochs: int, n_samples: int, curves: list[tuple[int, dict[str, float]]]) -> Any:
+    """An ``on_epoch`` callback: keep the epoch's figures in ``curves`` and print one line to stdout
+    (``train_old: epoch 3/30 loss 0.41 train accuracy 0.87, 1,234 samples/s``), so a long run is
+    visibly alive in DVC's log (stderr stays for the one-line error)."""
+    import sys
+    import time
+
+    last = [time.perf_counter()]
+
+    def on_epoch(epoch: int, values: dict[str, float]) -> None:
+        curves.append((epoch, values))
+        now = time.perf_counter()
+        rate = n_samples / max(now - last[0], 1e-9)
+        last[0] = now
+        sys.stdout.write(f"{label}: epoch {epoch}/{epochs} loss {values.get('loss', float('nan')):.4f} "
+                         f"train accuracy {values.get('train_accuracy', float('nan')):.4f}, {rate:,.0f} samples/s\n")
+        sys.stdout.flush()
+
+    return on_epoch
+
+
 def _split(layout: Layout, name: str) -> Split:
     return load_split(_require(layout.split(name), "prepare"))
 
@@ -94,7 +115,8 @@ def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = N
     spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs), normalization)
     network = spec.build()
     curves: list[tuple[int, dict[str, float]]] = []
-    history = adversarial_train(network, split, config, device, on_epoch=lambda epoch, values: curves.append((epoch, values)), label=f"stage train_{role}")
+    history = adversarial_train(network, split, config, device, on_epoch=epoch_logger(f"train_{role}", config.epochs, len(split), curves),
+                                label=f"stage train_{role}")
     digest = save_model(network.cpu(), spec, layout.model(role), extra={"role": role, "trained_on": split.digest})
     write_json(layout.training_history(role), {"role": role, "n_train_samples": len(split), "epochs": history.epochs, "weights_digest": digest})
     if tracker is not None:
@@ -264,7 +286,8 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
         chosen = method
         curves: list[tuple[int, dict[str, float]]] = []
         network, history = finetune(new.network, old.network, split, params.finetune, method, device,
-                                    on_epoch=lambda e, v: curves.append((e, v)), old_robust=old_robust, label=f"stage finetune@{method_name}")
+                                    on_epoch=epoch_logger(f"finetune@{method_name}", params.finetune.epochs, len(split), curves),
+                                    old_robust=old_robust, label=f"stage finetune@{method_name}")
     else:
         chosen, network, history, curves, grid, within_limits = _search_grid(params, layout, method_name, method, new, old, split, device, old_robust)
     extra = {"method": method_name, "loss": method.loss, "alpha": str(chosen.alpha), "beta": str(chosen.beta), "base_digest": new.digest, "old_digest": old.digest}
@@ -304,7 +327,8 @@ def _search_grid(params: Params, layout: Layout, method_name: str, method: Metho
         seed_everything(params.finetune.seed)
         curves: list[tuple[int, dict[str, float]]] = []
         network, history = finetune(new.network, old.network, split, params.finetune, point, device,
-                                    on_epoch=lambda e, v, curves=curves: curves.append((e, v)), old_robust=old_robust,
+                                    on_epoch=epoch_logger(f"finetune@{method_name} point {index}", params.finetune.epochs, len(split), curves),
+                                    old_robust=old_robust,
                                     label=f"stage finetune@{method_name} (grid point {index})")
         candidate = LoadedModel(network, new.spec, weights_digest(network), f"{method_name} grid point {index}")
         outcomes = attack_model_on_splits(candidate, method_name, validation, params.attack, params.seed, device, params.engine)
