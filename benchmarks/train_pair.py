@@ -13,6 +13,7 @@ later pipeline run on the same data reuses those attacks from ``engine.cache_dir
   and per class), the raw update's NFR / RNFR, and whether the pair meets the profile's targets.
 
     python benchmarks/train_pair.py --params benchmarks/profiles/cifar10_pair.yaml --seed 0
+    python benchmarks/train_pair.py --summary          # the tables of docs/RESULTS.md from the saved seeds
 
 The last line printed is the seed's summary as one JSON line.
 """
@@ -90,16 +91,55 @@ def targets_met(test: dict) -> dict[str, bool]:
     }
 
 
+def summary_table(name: str) -> str:
+    """The markdown tables of docs/RESULTS.md from every ``docs/results/<name>/seed-*.json`` present."""
+    records = [read_json(path) for path in sorted((ROOT / "docs" / "results" / name).glob("seed-*.json"))]
+    if not records:
+        return f"no docs/results/{name}/seed-*.json yet"
+
+    def pct(value: float) -> str:
+        return f"{100 * value:.1f}"
+
+    lines = ["| seed | old clean | old robust | old worst class | new clean | new robust | clean gain | robust gain | NFR | RNFR | targets met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for record in records:
+        test = record["splits"]["test"]
+        old, new = test["old"], test["new"]
+        lines.append(f"| {record['seed']} | {pct(old['accuracy'])} | {pct(old['robust_accuracy'])} | {pct(old['min_class_accuracy'])} | "
+                     f"{pct(new['accuracy'])} | {pct(new['robust_accuracy'])} | {pct(new['accuracy'] - old['accuracy'])} | "
+                     f"{pct(new['robust_accuracy'] - old['robust_accuracy'])} | {pct(test['nfr'])} | {pct(test['rnfr'])} | "
+                     f"{'all' if all(record['targets_met'].values()) else ', '.join(k for k, v in record['targets_met'].items() if not v) + ' missed'} |")
+    lines += ["", "| seed | model | " + " | ".join(f"class {c}" for c in range(10)) + " |", "|---|---|" + "---|" * 10]
+    for record in records:
+        test = record["splits"]["test"]
+        for role in ("old", "new"):
+            for kind, key in (("clean", "class_accuracy"), ("robust", "class_robust_accuracy")):
+                lines.append(f"| {record['seed']} | {role} {kind} | " + " | ".join(pct(v) for v in test[role][key]) + " |")
+    lines += ["", "| seed | model | architecture | weights | training images | epochs | train seconds (threads) |", "|---|---|---|---|---|---|---|"]
+    for record in records:
+        for role in ("old", "new"):
+            budget = record["budget"][role]
+            lines.append(f"| {record['seed']} | {role} | {budget['architecture']} {json.dumps(budget['architecture_kwargs'])} | {budget['weights']:,} | "
+                         f"{budget['n_train_images']:,} | {budget['epochs']} | {budget['train_seconds']:,.0f} ({budget.get('threads', record['threads'])}) |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", required=True, help="profile (params.yaml format)")
+    parser.add_argument("--params", help="profile (params.yaml format); required unless --summary")
     parser.add_argument("--name", default="cifar10_pair", help="results name (docs/results/<name>/, docs/results/models/<name>/)")
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, help="the seed to train (required unless --summary)")
+    parser.add_argument("--summary", action="store_true", help="print docs/RESULTS.md's tables from the saved seeds and exit")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--measure-only", action="store_true", help="reuse the work directory's trained models")
     parser.add_argument("--reuse-trained", action="store_true",
                         help="keep a model already trained in the work directory when its recorded training config equals the profile's")
     args = parser.parse_args()
+    if args.summary:
+        print(summary_table(args.name))
+        return 0
+    if args.seed is None or args.params is None:
+        parser.error("--seed and --params are required")
     if args.threads:
         torch.set_num_threads(args.threads)
     raw = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))

@@ -81,6 +81,16 @@ def check_sqlite_store(uri: str) -> None:
         raise InputError(f"tracking.uri {uri!r}: directory {path.parent} does not exist; fix the path or create the directory")
     if not path.exists():
         sys.stderr.write(f"rcat: note: no MLflow store at {path}; creating a new, empty one (tracking.uri {uri})\n")
+        return
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(16)
+    except OSError as exc:
+        raise InputError(f"tracking.uri {uri!r}: cannot read {path} ({exc.strerror or exc})") from None
+    if header and header != b"SQLite format 3\x00":
+        # else SQLAlchemy's "file is not a database" reads as a store that "did not answer", three times
+        raise InputError(f"tracking.uri {uri!r}: {path} is not an SQLite database (corrupt, or another file); "
+                         "restore it from a backup, or point tracking.uri at the right file")
 
 
 def redact_uri(uri: str) -> str:

@@ -329,6 +329,14 @@ def test_a_new_sqlite_store_is_announced(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_corrupt_sqlite_store_is_named_not_reported_as_silent(tmp_path):
+    from rcat.tracking import check_sqlite_store
+
+    (tmp_path / "mlflow.db").write_bytes(b"this is not a database, but text that got in its place")
+    with pytest.raises(InputError, match="mlflow.db is not an SQLite database"):
+        check_sqlite_store(f"sqlite:///{tmp_path}/mlflow.db")
+
+
 def test_nothing_is_written_when_params_are_bad(project):
     before = open("data/decide/decision.json").read()
     edit_params(train_old__lr=float("inf"))
