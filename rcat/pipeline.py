@@ -34,9 +34,6 @@ from rcat.tracking import Tracker
 
 __all__ = ["EVALUATED_SPLITS", "Layout"]
 
-_require = require
-
-
 def epoch_logger(label: str, epochs: int, n_samples: int, curves: list[tuple[int, dict[str, float]]]) -> Any:
     """An ``on_epoch`` callback: keep the epoch's figures in ``curves`` and print one line to stdout
     (``train_old: epoch 3/30 loss 0.41 train accuracy 0.87, 1,234 samples/s``), so a long run is
@@ -59,13 +56,13 @@ def epoch_logger(label: str, epochs: int, n_samples: int, curves: list[tuple[int
 
 
 def _split(layout: Layout, name: str) -> Split:
-    return load_split(_require(layout.split(name), "prepare"))
+    return load_split(require(layout.split(name), "prepare"))
 
 
 def _pipeline_model(layout: Layout, role: str, params: Params, device: torch.device | str) -> LoadedModel:
     stage = f"train_{role}" if role in {"old", "new"} else f"finetune@{role}"
     path = layout.model(role) if role in {"old", "new"} else layout.finetuned(role)
-    return load_model(_require(path, stage), device, params.trusted_factories())
+    return load_model(require(path, stage), device, params.trusted_factories())
 
 
 def _device(params: Params) -> torch.device:
@@ -221,11 +218,7 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
     metrics, flips = _split_metrics(outcomes["old"], outcomes["new"], SPLIT_NAMES)
     write_parquet(layout.attack_cache / "flips.parquet", flips.assign(candidate="new"), provenance)
     write_json(layout.attack_cache / "metrics.json", metrics)
-    # last: the record vouches for the files above and names the weights they were computed from
-    write_evidence(layout.attack_cache, candidate="new", model_path=layout.model("new"), old_model_path=layout.model("old"),
-                   old_outcomes_path=layout.attack_cache / "outcomes.parquet", split_digests={name: split.digest for name, split in splits.items()},
-                   attack_identity=params.attack.identity(), attack_label=params.attack.label(), seed=params.seed,
-                   files=("outcomes.parquet", "flips.parquet", "metrics.json"))
+    _write_evaluation_evidence(params, layout, "new", splits)
     if tracker is not None:
         with tracker.child("attack_cache", "stage") as run:
             run.params({"attack": params.attack.label(), **{f"attack.{k}": v for k, v in params.attack.identity().items()}})
@@ -238,6 +231,15 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
             run.metrics(metrics)
             run.artifact(layout.attack_cache / "flips.parquet", "flips")
     return metrics
+
+
+def _write_evaluation_evidence(params: Params, layout: Layout, candidate: str, splits: dict[str, Split]) -> None:
+    """An evaluation's ``evidence.json``, written last: it vouches for the files written before it
+    and names the weights, old model, splits and attack they were computed from (:mod:`rcat.results`)."""
+    write_evidence(layout.evaluation(candidate), candidate=candidate, model_path=layout.candidate_model(candidate), old_model_path=layout.model("old"),
+                   old_outcomes_path=layout.attack_cache / "outcomes.parquet", split_digests={name: split.digest for name, split in splits.items()},
+                   attack_identity=params.attack.identity(), attack_label=params.attack.label(), seed=params.seed,
+                   files=("outcomes.parquet", "flips.parquet", "metrics.json"))
 
 
 def load_cached_outcomes(layout: Layout, role: str, splits: dict[str, Split], attack: AttackConfig, model_digest: str | None = None) -> pd.DataFrame:
@@ -375,10 +377,7 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
     write_parquet(out / "outcomes.parquet", outcomes, provenance)
     write_parquet(out / "flips.parquet", flips.assign(candidate=method_name), provenance)
     write_json(out / "metrics.json", metrics)
-    write_evidence(out, candidate=method_name, model_path=layout.finetuned(method_name), old_model_path=layout.model("old"),
-                   old_outcomes_path=layout.attack_cache / "outcomes.parquet", split_digests={name: split.digest for name, split in splits.items()},
-                   attack_identity=params.attack.identity(), attack_label=params.attack.label(), seed=params.seed,
-                   files=("outcomes.parquet", "flips.parquet", "metrics.json"))
+    _write_evaluation_evidence(params, layout, method_name, splits)
     if tracker is not None:
         with tracker.child(f"candidate:{method_name}", "candidate") as run:
             run.params(_method_params(params, method_name))

@@ -223,8 +223,27 @@ class VerifiedCandidate:
     """Every file the verdict on this candidate rests on (path -> SHA-256), for the decision record."""
 
 
+class _SharedInputs:
+    """Files every candidate's verification reads (the old model, the old model's cached outcomes):
+    hashed and read once per decision, not once per candidate."""
+
+    def __init__(self) -> None:
+        self._digests: dict[Path, str] = {}
+        self._frames: dict[Path, pd.DataFrame] = {}
+
+    def digest(self, path: Path) -> str:
+        if path not in self._digests:
+            self._digests[path] = sha256_file(path)
+        return self._digests[path]
+
+    def frame(self, path: Path) -> pd.DataFrame:
+        if path not in self._frames:
+            self._frames[path] = read_parquet(path)
+        return self._frames[path]
+
+
 def verify_candidate(layout: Layout, candidate: str, *, split_digests: dict[str, str], attack_identity: dict[str, Any],
-                     seed: int, splits: tuple[str, ...] = EVALUATED_SPLITS) -> VerifiedCandidate:
+                     seed: int, splits: tuple[str, ...] = EVALUATED_SPLITS, shared: _SharedInputs | None = None) -> VerifiedCandidate:
     """Read ``candidate``'s evaluation through its evidence record and recompute its metrics.
 
     Checks, each an :class:`EvidenceError` naming the file and the rerun:
@@ -242,6 +261,7 @@ def verify_candidate(layout: Layout, candidate: str, *, split_digests: dict[str,
 
     The returned metrics are the recomputed ones.
     """
+    shared = shared if shared is not None else _SharedInputs()
     directory = layout.evaluation(candidate)
     stage = "attack_cache" if candidate == "new" else f"evaluate@{candidate}"
     rerun = f"rerun 'dvc repro {stage}'"
@@ -265,7 +285,7 @@ def verify_candidate(layout: Layout, candidate: str, *, split_digests: dict[str,
                                ("old model's cached outcomes", old_outcomes_path, evidence["old_outcomes"])):
         if not path.is_file():
             raise EvidenceError(f"{path}: {label} file missing; {rerun}")
-        digest = sha256_file(path)
+        digest = shared.digest(path) if path != model_path else sha256_file(path)
         if digest != entry["sha256"]:
             raise EvidenceError(f"{path}: the {label} has SHA-256 {digest[:12]}, but {candidate} was evaluated on {entry['sha256'][:12]} "
                                 f"({where}); the file changed after the evaluation, {rerun}")
@@ -283,8 +303,8 @@ def verify_candidate(layout: Layout, candidate: str, *, split_digests: dict[str,
     if "outcomes.parquet" not in evidence["files"]:
         raise EvidenceError(f"{where}: lists no outcomes.parquet, so the metrics cannot be recomputed; {rerun}")
 
-    old_all = read_parquet(old_outcomes_path)
-    own = read_parquet(directory / "outcomes.parquet")
+    old_all = shared.frame(old_outcomes_path)
+    own = old_all if directory / "outcomes.parquet" == old_outcomes_path else read_parquet(directory / "outcomes.parquet")
     old = old_all[old_all["model"] == "old"]
     mine = own[own["model"] == ("new" if candidate == "new" else candidate)]
     flips: dict[str, pd.DataFrame] = {}
@@ -332,7 +352,8 @@ def load_candidates(layout: Layout, candidates: list[str], *, split_digests: dic
     """Every candidate, verified (:func:`verify_candidate`): the tidy per-sample table
     (:data:`CANDIDATE_COLUMNS`) and each candidate's verified record. Raises on the first
     candidate whose evidence does not hold."""
-    verified = {name: verify_candidate(layout, name, split_digests=split_digests, attack_identity=attack_identity, seed=seed)
+    shared = _SharedInputs()
+    verified = {name: verify_candidate(layout, name, split_digests=split_digests, attack_identity=attack_identity, seed=seed, shared=shared)
                 for name in candidates}
     frames = [frame.assign(candidate=name, split=split) for name, item in verified.items() for split, frame in item.flips.items()]
     table = pd.concat(frames, ignore_index=True)[list(CANDIDATE_COLUMNS)] if frames else pd.DataFrame(columns=list(CANDIDATE_COLUMNS))
