@@ -29,7 +29,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
-from rcat.cli import EXIT_TRACKING
+from rcat.errors import EXIT_TRACKING
 
 STAGE_TARGETS: tuple[str, ...] = ("prepare", "train_old", "train_new", "attack_cache", "finetune", "evaluate", "decide")
 """The DVC targets in pipeline order; ``finetune`` and ``evaluate`` are ``foreach`` groups."""

@@ -17,13 +17,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from rcat.errors import RcatError, TrackingError, UpdateRejected
+from rcat.errors import EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_TRACKING, RcatError, TrackingError, UpdateRejected
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
-EXIT_BAD_INPUT = 2
-EXIT_REJECTED = 3
-EXIT_TRACKING = 4
 
 DATA_HELP = "digits | imagefolder:PATH | npz:PATH | cifar10-binary:DIR | cifar10-python:DIR | a split .safetensors"
 MeanOption = Annotated[str | None, typer.Option(help="per-channel mean, e.g. 0.49,0.48,0.45: a factory/TorchScript model then gets inputs normalised inside it")]
@@ -56,46 +53,34 @@ def user_errors(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+STAGES: dict[str, tuple[str, str, str | None]] = {
+    "prepare": ("rcat.stages.prepare", "prepare", None),
+    "train": ("rcat.stages.train", "train", "role (old|new)"),
+    "attack_cache": ("rcat.stages.attack_cache", "attack_cache", None),
+    "finetune": ("rcat.stages.finetune", "finetune_method", "method name"),
+    "evaluate": ("rcat.stages.evaluate", "evaluate_method", "method name"),
+    "decide": ("rcat.stages.decide", "decide", None),
+    "report": ("rcat.report", "build_report", None),
+}
+"""``rcat stage NAME``: the module and function of each DVC stage, and the argument it needs."""
+
+DESCRIBE = {"decide": ("rcat.stages.decide", "describe_decision"), "report": ("rcat.report", "describe_report")}
+
+
 def run_stage(stage: str, argument: str | None = None, params_path: str = "params.yaml") -> Any:
-    """Entry point of the DVC stage scripts: validate params, run one stage of :mod:`rcat.pipeline`."""
-    from rcat import pipeline
-    from rcat.config import load_params
-    from rcat.tracking import Tracker
+    """Run one stage by name through the stage scripts' own wrapper (:func:`rcat.stages.runner.run_stage`)."""
+    import importlib
 
-    @user_errors
-    def go() -> Any:
-        params = load_params(params_path)
-        layout = pipeline.Layout()
-        tracker = Tracker(params)
-        if stage == "prepare":
-            return pipeline.prepare(params, layout, tracker)
-        if stage == "train":
-            return pipeline.train(params, _required(argument, "role (old|new)"), layout, tracker)
-        if stage == "attack_cache":
-            return pipeline.attack_cache(params, layout, tracker)
-        if stage == "finetune":
-            return pipeline.finetune_method(params, _required(argument, "method name"), layout, tracker)
-        if stage == "evaluate":
-            return pipeline.evaluate_method(params, _required(argument, "method name"), layout, tracker)
-        if stage == "decide":
-            record = pipeline.decide(params, layout, tracker)
-            print(f"decision: {record['verdict']} {record['candidate'] or ''} ({'; '.join(record['reasons'])})")
-            return record
-        if stage == "report":
-            from rcat.report import build_report
+    from rcat.stages import runner
 
-            summary = build_report(params, layout, tracker)
-            print(f"report: {summary['path']} ({summary['verdict']} {summary['candidate'] or ''}; {summary['gallery']} gallery samples of {summary['gallery_candidate']})")
-            return summary
-        raise RcatError(f"unknown stage {stage!r}")
-
-    return go()
-
-
-def _required(value: str | None, what: str) -> str:
-    if not value:
-        raise RcatError(f"this stage needs a {what} argument")
-    return value
+    if stage not in STAGES:
+        fail(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
+    module, function, needs = STAGES[stage]
+    if needs and not argument:
+        fail(f"stage {stage} needs a {needs} argument")
+    describe = getattr(importlib.import_module(DESCRIBE[stage][0]), DESCRIBE[stage][1]) if stage in DESCRIBE else None
+    arguments = (argument,) if needs and argument else ()
+    return runner.run_stage(getattr(importlib.import_module(module), function), *arguments, params_path=params_path, describe=describe)
 
 
 def _params(path: Path) -> Any:
@@ -254,17 +239,21 @@ def serve(
 ) -> None:
     """Schedule update checks: register prefect.yaml's `update-check` deployment with its cron schedule on
     the Prefect server at PREFECT_API_URL (`prefect server start`) and run its flow runs here until Ctrl-C."""
-    from prefect.utilities.importtools import load_script_as_module
+    import importlib.util
 
     script = project_dir / "pipelines" / "update_check.py"
     if not script.is_file():
         raise RcatError(f"{script}: not found; pass the project root as --project-dir")
-    previous = os.getcwd()
-    os.chdir(project_dir)  # the flow module imports `pipelines.*` relative to the project root
-    try:
-        module = load_script_as_module("pipelines/update_check.py")
-    finally:
-        os.chdir(previous)
+    # the flow module imports `pipelines.*` relative to the project root; Prefect itself is imported there, not here
+    root = str(project_dir.resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location("pipelines.update_check", script)
+    if spec is None or spec.loader is None:
+        raise RcatError(f"{script}: cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
     module.serve(project_dir, cron)
 
 

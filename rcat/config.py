@@ -115,8 +115,9 @@ class EngineConfig(Section):
 
     ``cache_dir`` must live outside DVC outputs (``dvc repro`` deletes a stage's outs before
     rerunning it, which would throw the resumable cache away). ``chunk_size`` must be a multiple
-    of the attack's ``batch_size``. ``workers > 1`` or a ``dask_address`` distribute chunks as
-    Prefect tasks on Dask (a local cluster, or the scheduler at ``dask_address``). ``progress``:
+    of the attack's ``batch_size``. ``workers > 1`` runs chunks in that many local processes (one
+    torch thread each), ``dask_address`` on the workers of an existing Dask cluster
+    (:mod:`rcat.executors`). ``progress``:
     ``null`` shows a progress bar (samples/s, robust accuracy so far) when stderr is a terminal,
     ``true`` prints one line per chunk (for logs), ``false`` prints nothing.
     """
@@ -232,6 +233,10 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+CACHE_CONSTRAINT_SETS = frozenset({"attack_cache", "class_reweighted", "random_class_matched"})
+"""RCAT constraint sets built from the old model's robust flags in the baseline attack cache."""
+
+
 class WeightPoint(Section):
     """One (alpha, beta) setting of a method's hyper-parameter grid."""
 
@@ -263,14 +268,37 @@ class MethodConfig(Section):
     higher accuracy, then grid order); when none does, the stage says so and keeps the point
     closest to the limits, which the gate then rejects (:func:`rcat.decision.best_grid_point`). The authors' table script
     sorts with ``ascending=False`` and so keeps the *highest* S-NFR; that is not copied.
+
+    Two further constraint sets are *controls*, to tell congruence with the old model's robust
+    samples from imitation of its class prior; both read the same attack-cache flags. With n_c the
+    fine-tune samples of class c and r_c those the old model resisted:
+    ``class_reweighted`` weights every sample of class c by r_c / n_c (the beta term becomes a
+    class-reweighted cross-entropy with the same expected class emphasis as the robust set's, on
+    no particular samples); ``random_class_matched`` constrains a random subset with r_c samples
+    of each class c (seeded by ``finetune.seed``).
+
+    ``distance``: how the logit distance D sums over the C classes: ``mean`` (the authors'
+    ``(1/2C) sum_k``) or ``sum`` (``(1/2) sum_k``, C times stronger; on CIFAR-10 a distillation
+    term then weighs about as much as a cross-entropy term). ``epochs``, ``lr`` and ``train_eps``
+    override the ``finetune`` section's values for this method only (a tuned AT family is a few
+    ``at`` methods with different budgets).
     """
 
     loss: Literal["at", "pct", "pct_at", "rcat"]
     alpha: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
     beta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
-    constraint_set: Literal["paper_proxy", "attack_cache"] = "paper_proxy"
+    constraint_set: Literal["paper_proxy", "attack_cache", "class_reweighted", "random_class_matched"] = "paper_proxy"
     constraint_term: Literal["distill", "new_error", "focal_ce"] = "distill"
+    distance: Literal["mean", "sum"] = "mean"
+    epochs: Annotated[int, Field(ge=0, le=10_000)] | None = None
+    lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    train_eps: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     grid: list[WeightPoint] | None = None
+
+    @property
+    def uses_attack_cache(self) -> bool:
+        """Whether the constraint set is read from the old model's flags in the baseline attack cache."""
+        return self.loss == "rcat" and self.constraint_set in CACHE_CONSTRAINT_SETS
 
     @model_validator(mode="after")
     def _grid_replaces_weights(self) -> MethodConfig:
@@ -301,19 +329,39 @@ class MethodConfig(Section):
             raise ValueError("at takes no alpha/beta; use loss: rcat for a weighted variant")
         if self.loss != "rcat" and (self.constraint_set != "paper_proxy" or self.constraint_term != "distill"):
             raise ValueError(f"constraint_set / constraint_term apply to loss: rcat only, not {self.loss!r}")
+        if self.loss == "at" and self.distance != "mean":
+            raise ValueError("at has no distillation term; drop distance")
         return self
 
 
 class FinetuneConfig(Section):
-    """Constrained fine-tuning shared settings; ``methods`` maps an output name to its loss."""
+    """Constrained fine-tuning shared settings; ``methods`` maps an output name to its loss.
+
+    ``augment``, ``lr_schedule`` and ``weight_decay`` mean what they mean in :class:`TrainConfig`;
+    the defaults (none, constant, 0) are the authors' fine-tuning protocol.
+    """
 
     epochs: Annotated[int, Field(ge=0)] = 10
     lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1e-3
     momentum: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.9
     batch_size: Annotated[int, Field(ge=1)] = 128
     attack: AttackConfig = AttackConfig(name="fgsm_rs", loss="ce", steps=1)
+    augment: Literal["none", "crop_flip"] = "none"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     seed: int = 0
     methods: dict[str, MethodConfig] = Field(default_factory=dict)
+
+    def for_method(self, method: MethodConfig) -> FinetuneConfig:
+        """These settings with ``method``'s own ``epochs`` / ``lr`` / ``train_eps`` in place of the shared ones."""
+        update: dict[str, Any] = {}
+        if method.epochs is not None:
+            update["epochs"] = method.epochs
+        if method.lr is not None:
+            update["lr"] = method.lr
+        if method.train_eps is not None:
+            update["attack"] = self.attack.model_copy(update={"eps": method.train_eps})
+        return self.model_copy(update=update)
 
     @field_validator("methods")
     @classmethod

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from rcat.config import MAX_CLASSES, DataConfig
 from rcat.errors import InputError
@@ -469,6 +468,8 @@ def split_dataset(dataset: Dataset, config: DataConfig, seed: int) -> dict[str, 
     the rest, then validation versus fine-tune. Sample indices within each split are sorted so
     that the order does not depend on the shuffling.
     """
+    from sklearn.model_selection import train_test_split  # 1 s to import: only the stages that split pay it
+
     indices = np.arange(len(dataset.labels))
     labels = dataset.labels.numpy()
     counts = np.bincount(labels, minlength=dataset.num_classes) if len(labels) else np.zeros(dataset.num_classes, dtype=np.int64)
@@ -502,6 +503,8 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
     """A seeded stratified subset holding ``fraction`` of ``split`` (the whole split when 1)."""
     if fraction >= 1.0:
         return split
+    from sklearn.model_selection import train_test_split
+
     keep, _ = train_test_split(np.arange(len(split)), train_size=fraction, stratify=split.labels.numpy(), random_state=seed)
     keep = torch.from_numpy(np.sort(keep))
     return Split(split.name, split.images[keep], split.labels[keep], split.sample_index[keep], split.num_classes, split.source)

@@ -19,12 +19,12 @@
   run leaves none). Shards are checked before reuse (key recorded in the shard and the
   manifest, its own checksum, row count, sample indices, and the manifest's SHA-256 of each
   shard): a corrupt, edited or foreign shard is recomputed with a warning, never silently reused.
-* **Distributed (optional).** With ``workers > 1`` or a ``dask_address``, missing chunks run as
-  Prefect tasks on a ``prefect_dask.DaskTaskRunner`` (a local cluster with one torch thread per
-  worker, or the scheduler at ``dask_address``). The network travels to each worker once
-  (scattered, broadcast), not with every task; a task carries its chunks' rows only. The driver
-  keeps one task in flight per worker thread and gives the next to the worker that freed
-  (:func:`keep_slots_busy`). Workers write their shards; only the driver writes the manifest.
+* **Distributed (optional).** Missing chunks run on an executor (:mod:`rcat.executors`): in this
+  process by default, in ``workers`` local processes (one torch thread each), or on an existing
+  Dask cluster at ``dask_address`` (:mod:`rcat.dask_executor`). Chunks are grouped into tasks
+  (:func:`task_groups`); a task carries its chunks' rows only, and the next task goes to the
+  worker that freed. Workers write their shards; only the driver writes the manifest. The engine
+  starts no server and changes no environment variable.
 * **Progress and summary.** With a terminal on stderr (or ``progress=True``) a tqdm bar shows
   samples done, samples/s and the robust accuracy so far; ``progress=True`` without a terminal
   prints one plain line per chunk instead (clean logs in DVC and CI). Every returned frame
@@ -39,19 +39,17 @@ that attacks the same weights on the same data.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import os
 import sys
 import time
-import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple, TypeVar
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -62,6 +60,7 @@ from torch import nn
 from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
 from rcat.config import AttackConfig
 from rcat.errors import InputError
+from rcat.executors import Executor, SerialExecutor, executor_for
 from rcat.safe_io import (
     frame_digest,
     parquet_metadata,
@@ -74,9 +73,6 @@ from rcat.safe_io import (
     write_parquet,
     write_tensors,
 )
-
-T = TypeVar("T")
-S = TypeVar("S")
 
 ENGINE_FORMAT_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
@@ -332,6 +328,7 @@ def run_attack(
     save_adversarial: bool = False,
     workers: int = 1,
     dask_address: str | None = None,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Attack ``network`` on ``split`` (``images``, ``labels``, ``sample_index``), chunked and cached.
 
@@ -339,7 +336,8 @@ def run_attack(
     whole split, with a :class:`RunSummary` in ``frame.attrs["rcat.engine"]`` (:func:`summary_of`).
     ``progress``: None shows a bar when stderr is a terminal; True also prints one line per chunk
     when it is not; False shows nothing. See the module docstring for the cache layout and the
-    checks before reuse.
+    checks before reuse. Missing chunks run on ``executor`` (:mod:`rcat.executors`), by default the
+    one ``workers`` / ``dask_address`` ask for (:func:`rcat.executors.executor_for`), closed on return.
     """
     began = time.perf_counter()
     missing = {"split", "model", "model_digest", "split_digest"} - provenance.keys()
@@ -374,7 +372,8 @@ def run_attack(
         frames[i] = frame
         records[i] = manifest["chunks"][i] if manifest else {"file": shard_name(i), "rows": len(frame), "sha256": sha256_file(directory / shard_name(i))}
 
-    n_workers = 1 if not (workers > 1 or dask_address) else (0 if dask_address else workers)
+    owned = executor is None
+    chosen = executor if executor is not None else executor_for(workers, dask_address)
     meter = Progress(progress, key, n_samples, len(starts), sys.stderr)
     meter.reused(sum(len(f) for f in frames if f is not None), sum(int(f["robust"].sum()) for f in frames if f is not None), len(starts) - len(todo))
     try:
@@ -386,9 +385,8 @@ def run_attack(
                 records[i] = record
                 meter.computed(i, record["rows"], record["robust"])
 
-            if n_workers != 1:
-                run_chunks_on_dask(network, images, labels, sample_index, config, [(i, starts[i]) for i in todo], chunk_size, common,
-                                   workers=workers, address=dask_address, on_done=done)
+            if not isinstance(chosen, SerialExecutor):
+                run_chunks(chosen, network, images, labels, sample_index, config, [(i, starts[i]) for i in todo], chunk_size, common, on_done=done)
                 for i in todo:  # written by the workers: the driver assembles what they wrote
                     frame, reason = _load_shard(directory / shard_name(i), key, index_all[starts[i] : starts[i] + chunk_size], records[i]["sha256"], columns)
                     if frame is None:
@@ -402,12 +400,14 @@ def run_attack(
                     done(i, record)
     finally:
         meter.close()
+        if owned:
+            chosen.close()
     result = _assemble(frames, config, provenance, n_samples)
     summary = RunSummary(key=key, samples=n_samples, seconds=time.perf_counter() - began,
                          robust_accuracy=float(result["robust"].mean()) if n_samples else 0.0,
                          clean_accuracy=float(result["clean_correct"].mean()) if n_samples else 0.0, chunks=len(starts),
                          chunks_computed=len(todo), chunks_reused=len(starts) - len(todo),
-                         samples_computed=sum(int(records[i]["rows"]) for i in todo), workers=n_workers)
+                         samples_computed=sum(int(records[i]["rows"]) for i in todo), workers=chosen.workers)
     if todo or manifest is None:
         write_json(directory / MANIFEST_NAME, {
             "key": key, "n_samples": n_samples, "chunk_size": chunk_size, "chunks": records, "columns": columns,
@@ -492,40 +492,20 @@ class Progress:
         print(f"[rcat.engine {self.key}] {text}", file=self.stream, flush=True)
 
 
-# ---------------------------------------------------------------- distribution (Prefect + Dask)
+# ---------------------------------------------------------------- distribution (an executor)
 
 
-@dataclass(frozen=True)
-class TaskRows:
-    """The rows of one task's chunks, back to back: what a task carries besides the (scattered) network.
-
-    prefect-dask submits with ``pure=True``, so Dask would name each task by pickling and hashing
-    all its arguments, megabytes of images here (50 ms of the driver's CPU for 600 CIFAR-10 rows,
-    measured), for a key that Prefect's task-run id makes unique anyway: ``token`` names the rows
-    instead (a fresh uuid per task). A dataclass, not a tuple: Dask tokenises a tuple item by item,
-    whatever its ``__dask_tokenize__`` says.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    sample_index: torch.Tensor
-    token: str
-
-    def __dask_tokenize__(self) -> str:
-        return self.token
-
-
-def _chunks_in_worker(network: nn.Module, rows: TaskRows, config: AttackConfig, jobs: list[tuple[int, int]], chunk_size: int,
-                      common: dict[str, Any]) -> list[dict[str, Any]]:
-    """Chunks ``jobs`` (index, position in the split) of one task on a Dask worker, one torch thread
-    (workers must not oversubscribe the cores). ``rows`` hold these chunks back to back."""
-    torch.set_num_threads(1)
+def _attack_task(shared: tuple[nn.Module, AttackConfig, int, dict[str, Any]], task: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]
+                 ) -> list[dict[str, Any]]:
+    """One task's chunks ``jobs`` (index, position in the split), wherever the executor runs it;
+    ``task``'s rows hold these chunks back to back. Writes each chunk's shard; returns their records."""
+    network, config, chunk_size, common = shared
+    images, labels, sample_index, jobs = task
     records, local = [], 0
-    n_rows = int(rows.labels.shape[0])
+    n_rows = int(labels.shape[0])
     for index, offset in jobs:
         span = slice(local, local + min(chunk_size, n_rows - local))
-        records.append(compute_chunk(network, rows.images[span], rows.labels[span], rows.sample_index[span], config, offset=offset,
-                                     index=index, **common)[0])
+        records.append(compute_chunk(network, images[span], labels[span], sample_index[span], config, offset=offset, index=index, **common)[0])
         local = span.stop
     return records
 
@@ -534,11 +514,11 @@ def task_groups(jobs: list[tuple[int, int]], workers: int, max_chunks: int | Non
     """Consecutive chunks grouped into tasks of decreasing size (guided scheduling), at least one chunk each.
 
     Each task takes ``ceil(remaining / (2 * workers))`` chunks, at most ``max_chunks``: the first
-    tasks are large (few Prefect task runs, each costing a client, a context and a few events on
-    2 cores: about 0.1-0.2 s measured) and the last ones are single chunks, so that whichever worker
-    frees first takes the next and the workers finish within about one chunk of each other, even
-    when chunks take unequal times (APGD skips clean mistakes). 10 chunks on 2 workers: 3, 2, 2,
-    1, 1, 1. ``max_chunks`` bounds what one task carries (its rows travel through the scheduler).
+    tasks are large (few tasks, each costing a round trip and a copy of the network) and the last
+    ones are single chunks, so that whichever worker frees first takes the next and the workers
+    finish within about one chunk of each other, even when chunks take unequal times (APGD skips
+    clean mistakes). 10 chunks on 2 workers: 3, 2, 2, 1, 1, 1. ``max_chunks`` bounds what one task
+    carries (its rows travel to the worker).
     """
     groups, position, share = [], 0, 2 * max(1, workers)
     while position < len(jobs):
@@ -550,249 +530,54 @@ def task_groups(jobs: list[tuple[int, int]], workers: int, max_chunks: int | Non
     return groups
 
 
-def keep_slots_busy(items: Iterable[T], slots: Sequence[S], submit: Callable[[T, S], tuple[Any, Any]],
-                    as_completed: Callable[[list[Any]], Any]) -> Iterator[tuple[T, Any]]:
-    """Submit ``items`` in order, one in flight per slot; yield ``(item, handle)`` as each completes.
-
-    ``slots``: one entry per worker thread (a worker's address, repeated per thread).
-    ``submit(item, slot)`` runs ``item`` on ``slot`` and returns ``(dask_future, handle)``;
-    ``as_completed(futures)`` is distributed's (its ``add`` extends it while iterating). As soon as
-    an item completes, the next one goes to the slot it freed, before the caller handles the result.
-
-    Why the driver places tasks instead of submitting them all and letting Dask's scheduler place
-    them (both measured with per-chunk timelines of 13 s runs on 2 workers):
-
-    * Dask queues a task on the scheduler, for whichever worker frees first, only once its task
-      group holds more than twice the cluster's threads (``is_rootish``); before that it binds each
-      task to a worker on arrival, and the run ended with one worker idle while the other still
-      held a task (0.5 to 1.9 s).
-    * A task depending on the network scattered to every worker goes to a worker that holds the
-      network, and the scheduler's Active Memory Manager drops all but one of those copies within
-      seconds: every later task was bound to that one worker, busy or not, until work stealing
-      moved it (1 to 2 s idle per run).
-    """
-    pending = iter(items)
-    in_flight: dict[Any, tuple[T, Any, S]] = {}
-
-    def start(slot: S) -> Any | None:
-        item = next(pending, None)
-        if item is None:
-            return None
-        dask_future, handle = submit(item, slot)
-        in_flight[dask_future] = (item, handle, slot)
-        return dask_future
-
-    completed = as_completed([future for future in (start(slot) for slot in slots) if future is not None])
-    for finished in completed:
-        item, handle, slot = in_flight.pop(finished)
-        following = start(slot)
-        if following is not None:
-            completed.add(following)
-        yield item, handle
-
-
-def run_chunks_on_dask(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig,
-                       jobs: list[tuple[int, int]], chunk_size: int, common: dict[str, Any], *, workers: int, address: str | None,
-                       on_done: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run chunks ``jobs`` (index, start) as Prefect tasks on a DaskTaskRunner; return their shard records in order.
-
-    A local cluster of ``workers`` processes with one thread each, or the scheduler at ``address``.
-    The network is scattered to every worker once (``client.scatter(broadcast=True)``); each task
-    carries only the rows of its chunks (:class:`TaskRows`; :func:`task_groups`: guided, a few tasks
-    per worker). The driver keeps one task in flight per worker thread and submits the next as one
-    completes, so the next group goes to whichever worker freed first. Workers write the shards,
-    the caller writes the manifest. ``on_done(index, record)`` is called in the driver as each
-    chunk's task completes (progress).
-    """
-    try:
-        from distributed import as_completed
-        from prefect import flow, task
-        from prefect.cache_policies import NONE
-        from prefect.context import FlowRunContext
-        from prefect.settings import temporary_settings
-        from prefect_dask import DaskTaskRunner
-    except ImportError as exc:  # pragma: no cover - prefect-dask is a declared dependency
-        raise InputError(f"engine.workers > 1 / engine.dask_address need prefect-dask ({exc}); pip install 'prefect-dask>=0.3'") from exc
-
-    if address:
-        _require_reachable(address)
-        runner = DaskTaskRunner(address=address)
-    else:
-        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
-    network = network.cpu() if torch.device(common["device"]).type == "cpu" else network
-    token = uuid.uuid4().hex
-    _DRIVER_RUNS[token] = {"network": network, "images": images, "labels": labels, "sample_index": sample_index, "config": config, "jobs": jobs,
-                           "chunk_size": chunk_size, "common": common, "n_workers": None if address else workers, "on_done": on_done,
-                           "task": task(_chunks_in_worker, name="attack-chunks", cache_policy=NONE, persist_result=False),
-                           "as_completed": as_completed, "context": FlowRunContext}
-    attack_chunks = flow(_attack_chunks_flow, name="rcat-attack-chunks", task_runner=runner, validate_parameters=False, persist_result=False)
-    try:
-        # No heartbeats for this short internal flow: Prefect's heartbeat thread sleeps in 1 s
-        # steps and the flow's exit joins it, which added up to 1 s to every run (measured 0.07-0.82 s).
-        with prefect_api_for_workers(), dask_worker_environment(), temporary_settings(updates={"flows.heartbeat_frequency": None}):
-            return attack_chunks(token)
-    finally:
-        _DRIVER_RUNS.pop(token, None)
-
-
-def _require_reachable(address: str, timeout: float = 5.0) -> None:
-    """A one-line :class:`InputError` unless a TCP connection to the scheduler at ``address`` opens
-    within ``timeout`` seconds (Dask's own client would retry for its connect timeout, then raise
-    a traceback from deep inside the flow)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(address if "://" in address else f"tcp://{address}")
-    try:
-        host, port = parts.hostname, parts.port or 8786
-    except ValueError as exc:
-        raise InputError(f"engine.dask_address {address!r}: not an address ({exc}); use tcp://host:port") from None
-    if not host:
-        raise InputError(f"engine.dask_address {address!r}: no host; use tcp://host:port")
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise InputError(f"engine.dask_address {address}: no Dask scheduler answered ({exc.strerror or exc}); "
-                         "start one (dask scheduler), or set engine.dask_address: null to attack in this process") from None
-
-
-_DRIVER_RUNS: dict[str, dict[str, Any]] = {}
-"""What a running :func:`_attack_chunks_flow` needs, by token, in the driver only. Prefect
-serialises the flow (its function and parameters) into the context of every task it submits, so
-the flow takes a token, not the network and the split: they would travel with every task."""
-
-
-def _attack_chunks_flow(token: str) -> list[dict[str, Any]]:
-    """The Prefect flow of :func:`run_chunks_on_dask` (module level, so that it pickles by reference)."""
-    import dask
-
-    run = _DRIVER_RUNS[token]
-    images, labels, sample_index, chunk_size, jobs = run["images"], run["labels"], run["sample_index"], run["chunk_size"], run["jobs"]
-    n_samples = int(labels.shape[0])
-
-    def payload(group: list[tuple[int, int]]) -> TaskRows:
-        # the group's rows only (cloned: a view would pickle the split's whole storage)
-        spans = [(start, min(start + chunk_size, n_samples)) for _, start in group]
-        if all(a[1] == b[0] for a, b in itertools.pairwise(spans)):
-            rows = slice(spans[0][0], spans[-1][1])
-            return TaskRows(images[rows].clone(), labels[rows].clone(), sample_index[rows].clone(), uuid.uuid4().hex)
-        picked = torch.cat([torch.arange(a, b) for a, b in spans])
-        return TaskRows(images[picked], labels[picked], sample_index[picked], uuid.uuid4().hex)
-
-    client = run["context"].get().task_runner.client
-    if run["n_workers"]:
-        client.wait_for_workers(run["n_workers"], timeout=120)  # so that the broadcast below reaches every worker
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    slots = [address for address, worker in sorted(workers.items()) for _ in range(max(1, int(worker.get("nthreads", 1))))]
-    if not slots:
-        raise InputError(f"engine.dask_address: the Dask cluster at {client.scheduler.address} has no workers; start workers for it "
-                         "(dask worker <address>) or set engine.workers instead")
-    # The network goes to every worker once, not with each task: a task gets the scattered
-    # future, which Dask resolves to the worker's copy (or fetches once, if the scheduler dropped it).
-    [scattered] = client.scatter([run["network"]], broadcast=True, hash=False)
-    # a task's rows travel driver -> scheduler -> worker in one message: at most TASK_BYTES each
-    chunk_bytes = chunk_size * (images[:1].numel() * images.element_size() + labels.element_size() + sample_index.element_size())
-    groups = task_groups(jobs, len(slots), max_chunks=TASK_BYTES // max(1, chunk_bytes))
-
-    def submit(group: list[tuple[int, int]], worker: str) -> tuple[Any, Any]:
-        # placed on the worker that freed (loose: another one if it left the cluster)
-        with dask.annotate(workers=[worker], allow_other_workers=True):
-            future = run["task"].submit(scattered, payload(group), run["config"], group, chunk_size, run["common"])
-        return future.wrapped_future, future
-
-    try:
-        results: dict[int, dict[str, Any]] = {}
-        # distributed's as_completed (Prefect's waits forever on Dask futures, prefect-dask 0.3.7)
-        for group, future in keep_slots_busy(groups, slots, submit, lambda futures: run["as_completed"](futures, loop=client.loop)):
-            for (index, _), record in zip(group, future.result()):
-                results[index] = record
-                if run["on_done"] is not None:
-                    run["on_done"](index, record)
-        return [results[index] for index, _ in jobs]
-    finally:
-        scattered.release()
-
-
 TASK_BYTES = 64 * 2**20
-"""The most bytes of rows one Dask task carries (:func:`task_groups`' ``max_chunks``): 5 chunks of
+"""The most bytes of rows one task carries (:func:`task_groups`' ``max_chunks``): 5 chunks of
 1,024 CIFAR-10 images, where guided groups alone would send 13 in one task (160 MB) on 50,000."""
 
-DASK_CONFIG = {
-    # tasks carry their chunks' rows (up to TASK_BYTES); Dask warns about any graph above 10 MB
-    "distributed.admin.large-graph-warning-threshold": "128MB",
-    # Periodic callbacks wake each worker's event loop, which then takes the GIL from the
-    # attack's thread and, with every core busy, preempts a compute process: the statistical
-    # profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor every 100 ms
-    # (worker and nanny) and the system monitor every 500 ms. With the defaults, two 1-thread
-    # workers running at once reached 1.80x of one alone on 2 cores, with these 1.94x, and two
-    # plain processes 1.99x (benchmarks/dask_overhead.py).
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "1s",
-    "distributed.worker.memory.monitor-interval": "1s",
-    "distributed.admin.system-monitor.interval": "2s",
-}
-"""Dask settings for the local cluster of ``engine.workers > 1`` (set while it is created; the
-scheduler and the workers' nannies read them then) and for the driver's client during a
-distributed run. Start the scheduler and workers of an existing cluster (``engine.dask_address``)
-with the same settings for the same speed."""
 
+def run_chunks(executor: Executor, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, config: AttackConfig,
+               jobs: list[tuple[int, int]], chunk_size: int, common: dict[str, Any],
+               on_done: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run chunks ``jobs`` (index, start) on ``executor`` (:mod:`rcat.executors`); return their shard records in ``jobs`` order.
 
-@contextlib.contextmanager
-def dask_worker_environment() -> Iterator[None]:
-    """Create a local Dask cluster inside this context: workers spawned without
-    ``MALLOC_TRIM_THRESHOLD_``, :data:`DASK_CONFIG` applied, and this process's environment left
-    as it was.
-
-    distributed's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers; any value of it
-    turns off glibc's dynamic mmap threshold, so every tensor above 128 KiB is mmap'ed and
-    unmapped again: attacks ran 1.6-2.1x slower in a worker than in process (measured). The nanny
-    also copies its worker variables (``OMP_NUM_THREADS=1``, ...) into the spawning process's
-    own environment, where later subprocesses (DVC stages) would inherit them; they are restored.
-    Use it around the creation of a local cluster (``run_attack`` does, for ``workers > 1``).
+    Chunks are grouped into tasks (:func:`task_groups`: guided, a few per worker, at most
+    :data:`TASK_BYTES` of rows each); a task carries only its rows (cloned: a view would pickle the
+    split's whole storage). Workers write the shards, the caller writes the manifest.
+    ``on_done(index, record)`` is called here as each chunk's task completes (progress).
     """
-    import dask
+    n_samples = int(labels.shape[0])
+    chunk_bytes = chunk_size * (images[:1].numel() * images.element_size() + labels.element_size() + sample_index.element_size())
+    groups = task_groups(jobs, max(1, executor.workers or 2), max_chunks=TASK_BYTES // max(1, chunk_bytes))
 
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {})
-    environ["MALLOC_TRIM_THRESHOLD_"] = None  # None: not set at all (see distributed.nanny._get_env_variables)
-    keys = set(environ) | {"PYTHONHASHSEED"}
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **DASK_CONFIG}):
-            yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    def rows(group: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        spans = [(start, min(start + chunk_size, n_samples)) for _, start in group]
+        if all(a[1] == b[0] for a, b in itertools.pairwise(spans)):
+            picked = slice(spans[0][0], spans[-1][1])
+            return images[picked].clone(), labels[picked].clone(), sample_index[picked].clone(), group
+        index = torch.cat([torch.arange(a, b) for a, b in spans])
+        return images[index], labels[index], sample_index[index], group
+
+    network = network.cpu() if torch.device(common["device"]).type == "cpu" else network
+    results: dict[int, dict[str, Any]] = {}
+    shared = (network, config, chunk_size, common)
+    for position, records in executor.map_unordered(_attack_task, shared, _Lazy(groups, rows)):
+        for (index, _), record in zip(groups[position], records, strict=True):
+            results[index] = record
+            if on_done is not None:
+                on_done(index, record)
+    return [results[index] for index, _ in jobs]
 
 
-@contextlib.contextmanager
-def prefect_api_for_workers() -> Iterator[None]:
-    """Make the driver and the Dask workers it spawns report to one Prefect API.
+class _Lazy(Sequence[Any]):
+    """``groups`` mapped through ``build`` on access: a task's rows are copied only when it is submitted."""
 
-    Without ``PREFECT_API_URL`` every process would start an ephemeral server of its own (seconds
-    to minutes each, migrating a database): start the ephemeral one here, once, and hand its URL
-    to the workers through the environment they inherit.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    def __init__(self, groups: list[list[tuple[int, int]]], build: Callable[[list[tuple[int, int]]], Any]) -> None:
+        self._groups, self._build = groups, build
 
-    url = PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
+    def __len__(self) -> int:
+        return len(self._groups)
 
-        server = SubprocessASGIServer()
-        server.start()
-        url = server.api_url
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+    def __getitem__(self, position: Any) -> Any:
+        if isinstance(position, slice):
+            return [self._build(group) for group in self._groups[position]]
+        return self._build(self._groups[position])

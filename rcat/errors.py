@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+EXIT_BAD_INPUT = 2
+"""Exit status for bad input (a file, field or value): not worth retrying."""
+EXIT_REJECTED = 3
+"""Exit status of ``rcat decide --fail-on-reject`` when the gate rejected the update."""
+EXIT_TRACKING = 4
+"""Exit status when the MLflow tracking store did not answer: worth retrying."""
+
 
 class RcatError(Exception):
     """Base class for errors a user can act on. ``str(error)`` is the whole one-line message."""

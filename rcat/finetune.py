@@ -166,6 +166,34 @@ def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, dev
     )
 
 
+def constraint_weights(old_robust: torch.Tensor, labels: torch.Tensor, constraint_set: str, seed: int) -> torch.Tensor:
+    """Per-sample weights of RCAT's beta term for a constraint set read from the attack cache.
+
+    ``attack_cache``: the old model's robust flags themselves (0/1). ``class_reweighted``: every
+    sample of class c weighs r_c / n_c (r_c robust among the n_c samples of class c), the same
+    expected class emphasis on no particular samples. ``random_class_matched``: 0/1 flags on a
+    random subset with r_c samples of each class c, drawn with ``seed``. Shape ``(N,)``, values in [0, 1].
+    """
+    robust = old_robust.to(torch.bool)
+    if constraint_set == "attack_cache":
+        return robust.to(torch.float32)
+    labels = labels.to(torch.long)
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float32)
+    robust_counts = torch.bincount(labels[robust], minlength=num_classes).to(torch.float32)
+    if constraint_set == "class_reweighted":
+        return (robust_counts / counts.clamp(min=1.0))[labels]
+    if constraint_set == "random_class_matched":
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.zeros(len(labels), dtype=torch.float32)
+        for c in range(num_classes):
+            members = torch.nonzero(labels == c).flatten()
+            picked = members[torch.randperm(len(members), generator=generator)[: int(robust_counts[c])]]
+            chosen[picked] = 1.0
+        return chosen
+    raise ValueError(f"constraint_set {constraint_set!r} is not read from the attack cache")
+
+
 def finetune(
     new_network: nn.Module,
     old_network: nn.Module,
@@ -180,12 +208,17 @@ def finetune(
     """Fine-tune a copy of ``new_network`` with ``method``'s loss; ``old_network`` and a frozen copy
     of the new network provide the reference logits. Returns the fine-tuned network (eval mode).
 
-    ``old_robust`` (bool, one per sample of ``split``, in its order) is the old model's robust flag
-    from the baseline attack cache; RCAT with ``constraint_set: attack_cache`` needs it.
+    ``config`` is the shared fine-tune section; ``method``'s own ``epochs`` / ``lr`` /
+    ``train_eps`` override it. ``old_robust`` (bool, one per sample of ``split``, in its order) is
+    the old model's robust flag from the baseline attack cache; RCAT with a constraint set read
+    from the cache (:data:`rcat.config.CACHE_CONSTRAINT_SETS`) needs it.
     """
-    if method.loss == "rcat" and method.constraint_set == "attack_cache":
+    config = config.for_method(method)
+    weights = None
+    if method.uses_attack_cache:
         if old_robust is None or old_robust.shape != (len(split),):
-            raise ValueError("constraint_set 'attack_cache' needs the old model's robust flag for every fine-tune sample")
+            raise ValueError(f"constraint_set {method.constraint_set!r} needs the old model's robust flag for every fine-tune sample")
+        weights = constraint_weights(old_robust, split.labels, method.constraint_set, config.seed)
     network = copy.deepcopy(new_network).to(device)
     frozen_new = copy.deepcopy(new_network).to(device).eval().requires_grad_(False)
     old_network = old_network.to(device).eval().requires_grad_(False)
@@ -199,15 +232,17 @@ def finetune(
         with torch.no_grad():
             old_logits = old_network(inputs)
         if method.loss in {"pct", "pct_at"}:
-            return pct_loss(logits, old_logits, y, method.alpha, method.beta), logits
+            return pct_loss(logits, old_logits, y, method.alpha, method.beta, distance_reduction=method.distance), logits
         with torch.no_grad():
             new0_logits = frozen_new(inputs)
-        mask = old_robust[positions].to(device) if method.constraint_set == "attack_cache" and old_robust is not None else None
-        terms = rcat_loss(logits, old_logits, new0_logits, y, method.alpha, method.beta, constraint_mask=mask, constraint_term=method.constraint_term)
+        mask = weights[positions].to(device) if weights is not None else None
+        terms = rcat_loss(logits, old_logits, new0_logits, y, method.alpha, method.beta, constraint_mask=mask,
+                          constraint_term=method.constraint_term, distance_reduction=method.distance)
         return terms, logits
 
     history = _epochs(
         network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
         seed=config.seed, device=device, step=step, on_epoch=on_epoch, label=label,
+        augment=config.augment, lr_schedule=config.lr_schedule, weight_decay=config.weight_decay,
     )
     return network, history

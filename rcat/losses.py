@@ -33,15 +33,23 @@ import torch
 from torch.nn import functional as F
 
 
-def logit_distance(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``D(a, b) = mean_k (a_k - b_k)^2 / 2``; shape ``(N,)``, range [0, inf)."""
-    return (logits - reference).pow(2).mean(dim=1) / 2
+def logit_distance(logits: torch.Tensor, reference: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Per-sample ``D(a, b) = mean_k (a_k - b_k)^2 / 2`` (``reduction="mean"``, the authors') or
+    ``sum_k (a_k - b_k)^2 / 2`` (``"sum"``, C times larger); shape ``(N,)``, range [0, inf)."""
+    squared = (logits - reference).pow(2)
+    if reduction == "mean":
+        return squared.mean(dim=1) / 2
+    if reduction == "sum":
+        return squared.sum(dim=1) / 2
+    raise ValueError(f"distance reduction {reduction!r}: use 'mean' or 'sum'")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(values[mask]) / max(|mask|, 1)``: 0 (not NaN) for an empty mask."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    """``sum_i w_i values_i / sum_i w_i`` for a boolean mask or weights ``w`` in [0, 1]: the mean
+    over the mask for a boolean one; 0 (not NaN) when every weight is 0."""
+    weights = mask.to(values.dtype)
+    total = weights.sum()
+    return (values * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 @dataclass(frozen=True)
@@ -71,14 +79,15 @@ def at_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossTerms:
     return LossTerms(ce, ce, zero, zero, 0.0)
 
 
-def pct_loss(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> LossTerms:
+def pct_loss(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float, *,
+             distance_reduction: str = "mean") -> LossTerms:
     """Focal distillation (PCT): CE + alpha * mean_B D + beta * (1/|B|) sum 1[old correct] D.
 
     Used on clean inputs for ``pct`` and on adversarial inputs for ``pct_at``.
     """
     old_logits = old_logits.detach()  # a fixed target: no gradient may reach the old model
     ce = F.cross_entropy(logits, labels)
-    distance = logit_distance(logits, old_logits)
+    distance = logit_distance(logits, old_logits, distance_reduction)
     old_correct = old_logits.argmax(1) == labels
     all_term = alpha * distance.mean()
     focal_term = beta * (distance * old_correct.to(distance.dtype)).mean()
@@ -95,12 +104,14 @@ def rcat_loss(
     *,
     constraint_mask: torch.Tensor | None = None,
     constraint_term: str = "distill",
+    distance_reduction: str = "mean",
 ) -> LossTerms:
     """RCAT: (1-alpha-beta) CE + alpha * mean_N D(z, z_new0) + beta * mean_O penalty.
 
     N (frozen new model correct) is computed on the adversarial input the loss sees. O is, by
     default, the paper's proxy: the old model is correct on that same input; ``constraint_mask``
-    replaces it (e.g. the old model's robust flags from the baseline attack cache). The penalty is
+    replaces it (e.g. the old model's robust flags from the baseline attack cache; boolean, or
+    weights in [0, 1] for a weighted mean, as the class-reweighted control uses). The penalty is
     ``D(z, z_old)`` (``distill``, the paper) or the per-sample cross-entropy ``CE(z_i, y_i)``
     (``new_error``; ``focal_ce`` is its former name). The latter has no term toward the old
     model's logits: it is Bansal et al.'s "new-error" loss (AAAI 2019; BackwardCompatibilityML's
@@ -109,11 +120,11 @@ def rcat_loss(
     """
     old_logits, new0_logits = old_logits.detach(), new0_logits.detach()  # fixed targets
     ce = F.cross_entropy(logits, labels)
-    constrained = old_logits.argmax(1) == labels if constraint_mask is None else constraint_mask.to(torch.bool)
+    constrained = old_logits.argmax(1) == labels if constraint_mask is None else constraint_mask
     new0_correct = new0_logits.argmax(1) == labels
-    distill_new = alpha * masked_mean(logit_distance(logits, new0_logits), new0_correct)
+    distill_new = alpha * masked_mean(logit_distance(logits, new0_logits, distance_reduction), new0_correct)
     if constraint_term == "distill":
-        penalty = logit_distance(logits, old_logits)
+        penalty = logit_distance(logits, old_logits, distance_reduction)
     elif constraint_term in {"new_error", "focal_ce"}:
         penalty = F.cross_entropy(logits, labels, reduction="none")
     else:

@@ -173,3 +173,8 @@ def compare_outcomes(old: pd.DataFrame, new: pd.DataFrame) -> tuple[dict[str, fl
     flips["robust_negative_flip"] = flips["old_robust"] & ~flips["new_robust"]
     flips["robust_positive_flip"] = ~flips["old_robust"] & flips["new_robust"]
     return metrics, flips[list(FLIP_COLUMNS)]
+
+def flip_set(flips: pd.DataFrame) -> pd.DataFrame:
+    """The samples that flipped (any of the four flip columns) from a flip frame: the table logged to MLflow."""
+    flipped = flips["negative_flip"] | flips["positive_flip"] | flips["robust_negative_flip"] | flips["robust_positive_flip"]
+    return flips[flipped].reset_index(drop=True)

@@ -48,7 +48,7 @@ from rcat.config import Params
 from rcat.data import Split, load_split
 from rcat.errors import InputError
 from rcat.models import LoadedModel, load_model
-from rcat.pipeline import Layout
+from rcat.results import Layout
 from rcat.runtime import resolve_device
 from rcat.safe_io import atomic_path, read_json, read_parquet
 from rcat.statistics import bootstrap_interval
@@ -487,6 +487,12 @@ def gallery_candidate(decision: dict[str, Any]) -> tuple[str, str]:
     if selected:
         return selected, f"Nothing promoted; {selected} was selected on the selection split and failed confirmation:"
     return "new", "Nothing promoted; the raw update (old to new, no fine-tuning):"
+
+
+def describe_report(summary: dict[str, Any]) -> str:
+    """The stage's one line on stdout: where the report is and what it says."""
+    return (f"report: {summary['path']} ({summary['verdict']} {summary['candidate'] or ''}; "
+            f"{summary['gallery']} gallery samples of {summary['gallery_candidate']})")
 
 
 def build_report(params: Params, layout: Layout, tracker: Tracker | None = None, gallery_size: int = GALLERY_SIZE) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 
 def bootstrap_interval(indicators: np.ndarray, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -29,6 +28,8 @@ def bootstrap_interval(indicators: np.ndarray, confidence: float = 0.95, n_resam
     if values.shape[1] == 0:
         return (float("nan"), float("nan"))
     per_sample = values.mean(axis=0)  # average over seeds first: resampling samples keeps seeds paired
+    from scipy import stats  # imported on use: most stages never test anything
+
     result = stats.bootstrap((per_sample,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
                              method="percentile", random_state=np.random.default_rng(seed), vectorized=True)
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
@@ -48,5 +49,7 @@ def mcnemar_exact(first: np.ndarray, second: np.ndarray) -> dict[str, Any]:
     only_first = int((a & ~b).sum())
     only_second = int((~a & b).sum())
     discordant = only_first + only_second
+    from scipy import stats
+
     p_value = 1.0 if discordant == 0 else float(stats.binomtest(only_first, discordant, 0.5).pvalue)
     return {"only_first": only_first, "only_second": only_second, "p_value": p_value}

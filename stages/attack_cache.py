@@ -4,11 +4,12 @@ attack, on every split; keep per-sample outcomes and the raw update's flip evalu
 Params: ``seed``, ``device``, ``attack.*``. Outputs: ``data/attack_cache/``.
 """
 
-from rcat.cli import run_stage
+from rcat.stages.attack_cache import attack_cache
+from rcat.stages.runner import run_stage
 
 
 def main() -> None:
-    run_stage("attack_cache")
+    run_stage(attack_cache)
 
 
 if __name__ == "__main__":

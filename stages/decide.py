@@ -4,11 +4,12 @@ confirms it on test, and writes ``data/decide/decision.json`` (fails closed: rej
 Params: ``decision.*``.
 """
 
-from rcat.cli import run_stage
+from rcat.stages.decide import decide, describe_decision
+from rcat.stages.runner import run_stage
 
 
 def main() -> None:
-    run_stage("decide")
+    run_stage(decide, describe=describe_decision)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ the old model's cached outcomes, on the validation and test splits.
 Usage: ``python stages/evaluate.py <method>``. Params: ``attack.*``. Outputs: ``data/evaluate/<method>/``.
 """
 
-import sys
-
-from rcat.cli import run_stage
+from rcat.stages.evaluate import evaluate_method
+from rcat.stages.runner import argument, run_stage
 
 
 def main() -> None:
-    run_stage("evaluate", sys.argv[1] if len(sys.argv) > 1 else None)
+    run_stage(evaluate_method, argument(1, "method name"))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ Usage: ``python stages/finetune.py <method>``. Params: ``finetune.*`` (shared) a
 ``finetune.methods.<method>``. Outputs: ``data/finetune/<method>/``.
 """
 
-import sys
-
-from rcat.cli import run_stage
+from rcat.stages.finetune import finetune_method
+from rcat.stages.runner import argument, run_stage
 
 
 def main() -> None:
-    run_stage("finetune", sys.argv[1] if len(sys.argv) > 1 else None)
+    run_stage(finetune_method, argument(1, "method name"))
 
 
 if __name__ == "__main__":

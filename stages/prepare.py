@@ -3,11 +3,12 @@
 Params: ``seed``, ``data.*``. Outputs: ``data/prepared/`` (one safetensors file per split, ``manifest.json``).
 """
 
-from rcat.cli import run_stage
+from rcat.stages.prepare import prepare
+from rcat.stages.runner import run_stage
 
 
 def main() -> None:
-    run_stage("prepare")
+    run_stage(prepare)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ negative flips), written to ``data/report/report.html`` with the plot data next 
 Params: ``seed``, ``device``, ``attack`` (the gallery recomputes a few adversarial points).
 """
 
-from rcat.cli import run_stage
+from rcat.report import build_report, describe_report
+from rcat.stages.runner import run_stage
 
 
 def main() -> None:
-    run_stage("report")
+    run_stage(build_report, describe=describe_report)
 
 
 if __name__ == "__main__":

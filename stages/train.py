@@ -5,13 +5,12 @@ Outputs: ``data/models/<role>.safetensors`` and ``data/models/<role>_history.jso
 In a user's project the two models come from outside and this stage is replaced by loading them.
 """
 
-import sys
-
-from rcat.cli import run_stage
+from rcat.stages.runner import argument, run_stage
+from rcat.stages.train import train
 
 
 def main() -> None:
-    run_stage("train", sys.argv[1] if len(sys.argv) > 1 else None)
+    run_stage(train, argument(1, "role (old|new)"))
 
 
 if __name__ == "__main__":

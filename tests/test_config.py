@@ -95,7 +95,7 @@ def test_unknown_key_inside_a_method(tmp_path):
     assert "finetune.methods.rcat.gamma" in message
     allowed = message.split("allowed here:")[1]
     assert "alpha" in allowed and "beta" in allowed and "loss" in allowed
-    assert "epochs" not in allowed
+    assert "momentum" not in allowed and "methods" not in allowed  # the keys of a method, not of the finetune section
 
 
 def test_unknown_key_inside_a_nested_attack(tmp_path):

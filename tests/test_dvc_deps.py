@@ -94,3 +94,31 @@ def test_the_check_catches_an_import_that_dvc_yaml_lacks(tmp_path):
     assert mismatches(tmp_path) == {"run": {"imported, not in deps": ["rcat/seeding.py"], "in deps, not imported": []}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"run": {"cmd": "python stages/run.py", "deps": [*deps, "rcat/seeding.py"]}}}))
     assert mismatches(tmp_path) == {}
+
+
+def write_code_deps(project: Path) -> None:
+    """Rewrite each stage's ``.py`` deps in dvc.yaml as its import closure (script first), keeping every other line."""
+    closures = {name: [script, *sorted((p.relative_to(project) for p in import_closure(project / script, project)), key=str)]
+                for name, (script, _) in stage_code_deps(project / "dvc.yaml").items()}
+    lines = (project / "dvc.yaml").read_text(encoding="utf-8").splitlines()
+    out: list[str] = []
+    stage, in_deps = None, False
+    for line in lines:
+        stripped = line.strip()
+        if line.startswith("  ") and not line.startswith("   ") and stripped.endswith(":"):
+            stage, in_deps = stripped[:-1], False
+        if in_deps and stripped.startswith("- ") and stripped.endswith(".py"):
+            continue  # replaced below
+        if in_deps and not stripped.startswith("- "):
+            in_deps = False
+        out.append(line)
+        if stripped == "deps:" and stage in closures:
+            in_deps = True
+            indent = line[: len(line) - len(line.lstrip())] + "  "
+            out.extend(f"{indent}- {path.as_posix()}" for path in closures[stage])
+    (project / "dvc.yaml").write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":  # python tests/test_dvc_deps.py: rewrite dvc.yaml's code deps from the imports
+    write_code_deps(REPO_ROOT)
+    print(mismatches(REPO_ROOT) or "dvc.yaml code deps = each stage's import closure")

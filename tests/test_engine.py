@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -24,6 +26,7 @@ from rcat import attacks as attacks_module
 from rcat import engine
 from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes, build_attack
 from rcat.config import AttackConfig, EngineConfig, parse_params
+from rcat.dask_executor import keep_slots_busy
 from rcat.data import Split
 from rcat.errors import ConfigError, InputError
 
@@ -348,19 +351,50 @@ def test_pipeline_attacks_go_through_the_engine_cache(trained_mlp, tiny_split, t
 # ---------------------------------------------------------------- Dask scale-out
 
 
-def test_dask_workers_give_the_single_process_result(trained_mlp, tiny_split, tmp_path, prefect_harness):
+def test_local_workers_give_the_single_process_result_and_leave_the_environment_alone(trained_mlp, tiny_split, tmp_path):
     network, _ = trained_mlp
     single = chunked(network, tiny_split, APGD, tmp_path / "single", chunk_size=32)
-    watched = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "PREFECT_API_URL")
-    environment = {key: os.environ.get(key) for key in watched}
-    distributed = chunked(network, tiny_split, APGD, tmp_path / "dask", chunk_size=32, workers=2)
-    pd.testing.assert_frame_equal(distributed, single)
-    summary = engine.summary_of(distributed)
+    environment = dict(os.environ)
+    threads = torch.get_num_threads()
+    parallel = chunked(network, tiny_split, APGD, tmp_path / "workers", chunk_size=32, workers=2)
+    pd.testing.assert_frame_equal(parallel, single)
+    summary = engine.summary_of(parallel)
     assert (summary.workers, summary.chunks_computed, summary.robust_accuracy) == (2, 4, engine.summary_of(single).robust_accuracy)
-    # the local cluster's worker variables do not leak into this process (and so into its later subprocesses)
-    assert {key: os.environ.get(key) for key in watched} == environment
-    key_dir = next((tmp_path / "dask").iterdir())
+    assert dict(os.environ) == environment and torch.get_num_threads() == threads  # nothing set in this process
+    key_dir = next((tmp_path / "workers").iterdir())
     assert (key_dir / "manifest.json").is_file() and len(list(key_dir.glob("chunk-*.parquet"))) == 4
+    # the workers wrote the shards with one torch thread each
+    assert {record["torch_threads"] for record in json.loads((key_dir / "manifest.json").read_text())["chunks"]} == {1}
+
+
+@pytest.mark.slow
+def test_an_existing_dask_cluster_gives_the_single_process_result(trained_mlp, tiny_split, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    network, _ = trained_mlp
+    single = chunked(network, tiny_split, APGD, tmp_path / "single", chunk_size=32)
+    environment = dict(os.environ)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        on_cluster = chunked(network, tiny_split, APGD, tmp_path / "dask", chunk_size=32, dask_address=cluster.scheduler_address)
+    pd.testing.assert_frame_equal(on_cluster, single)
+    assert engine.summary_of(on_cluster).workers == 2
+    assert {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"} == {k: v for k, v in environment.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+
+
+def test_no_module_of_the_core_imports_prefect():
+    """Orchestration lives in pipelines/: the library never imports Prefect (a grep of rcat/ would show the same)."""
+    offenders = [path.name for path in (Path(engine.__file__).parent).glob("*.py")
+                 if re.search(r"^\s*(from|import)\s+prefect", path.read_text(), re.MULTILINE)]
+    assert offenders == [], offenders
+
+
+def test_the_serial_executor_runs_in_order_and_the_local_pool_covers_every_item():
+    from rcat.executors import LocalProcessExecutor, SerialExecutor
+
+    with SerialExecutor() as serial:
+        assert list(serial.map_unordered(divmod, 7, [1, 2, 3])) == [(0, (7, 0)), (1, (3, 1)), (2, (2, 1))]
+    with LocalProcessExecutor(2) as pool:
+        assert sorted(pool.map_unordered(divmod, 7, [1, 2, 3, 4, 5])) == [(0, (7, 0)), (1, (3, 1)), (2, (2, 1)), (3, (1, 3)), (4, (1, 2))]
+        assert list(pool.map_unordered(divmod, 7, [])) == []
 
 
 # ---------------------------------------------------------------- summary and progress
@@ -474,7 +508,7 @@ def test_keep_slots_busy_submits_in_order_one_per_slot_and_refills_the_slot_that
         return queue[0]
 
     received = []
-    for item, handle in engine.keep_slots_busy(range(6), ["a", "b"], submit, lambda futures: _FinishInOrder(futures, finish_first)):
+    for item, handle in keep_slots_busy(range(6), ["a", "b"], submit, lambda futures: _FinishInOrder(futures, finish_first)):
         assert handle == f"handle-{item}"
         # the freed slot is refilled before the caller handles the result
         assert [i for i, _ in submitted] == list(range(min(6, len(received) + 3)))
@@ -494,22 +528,11 @@ def test_keep_slots_busy_gives_the_next_item_to_the_slot_that_freed_first():
         placed[item] = slot
         return item, item
 
-    received = [item for item, _ in engine.keep_slots_busy(range(5), ["a", "b", "c"], submit, lambda futures: _FinishInOrder(futures, latest))]
+    received = [item for item, _ in keep_slots_busy(range(5), ["a", "b", "c"], submit, lambda futures: _FinishInOrder(futures, latest))]
     assert received == [2, 3, 4, 1, 0]
     assert placed == {0: "a", 1: "b", 2: "c", 3: "c", 4: "c"}
-    assert list(engine.keep_slots_busy([], ["a"], submit, _FinishInOrder)) == []
-    assert [item for item, _ in engine.keep_slots_busy(range(2), ["a"] * 8, submit, _FinishInOrder)] == [0, 1]
-
-
-def test_the_dask_flow_pickles_by_reference_so_tasks_do_not_carry_the_split():
-    """Prefect serialises the flow into every task's context: a closure over the split would ship it with each task."""
-    import pickle
-
-    from prefect import flow
-
-    wrapped = flow(engine._attack_chunks_flow, name="probe", validate_parameters=False)
-    assert len(pickle.dumps(wrapped.fn)) < 200
-    assert engine._DRIVER_RUNS == {}  # nothing left behind by earlier runs in this process
+    assert list(keep_slots_busy([], ["a"], submit, _FinishInOrder)) == []
+    assert [item for item, _ in keep_slots_busy(range(2), ["a"] * 8, submit, _FinishInOrder)] == [0, 1]
 
 
 def test_free_memory_is_trimmed_only_after_the_resident_size_grew(monkeypatch):
@@ -523,24 +546,3 @@ def test_free_memory_is_trimmed_only_after_the_resident_size_grew(monkeypatch):
     engine.release_free_memory()  # grew past it: trim, and 50 after is the new reference
     engine.release_free_memory()  # 200 + threshold is past 50 + threshold: trim
     assert trims == [0, 0, 0] and engine._TRIMMED_AT == 60
-
-
-def test_local_cluster_settings_hold_inside_the_environment_and_are_restored_after():
-    import dask
-
-    before = {key: dask.config.get(key) for key in engine.DASK_CONFIG}
-    assert before != engine.DASK_CONFIG  # distributed's defaults differ, or this test would show nothing
-    with engine.dask_worker_environment():
-        assert {key: dask.config.get(key) for key in engine.DASK_CONFIG} == engine.DASK_CONFIG
-        assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"] is None
-    assert {key: dask.config.get(key) for key in engine.DASK_CONFIG} == before
-
-
-def test_task_rows_are_named_by_their_token_not_by_hashing_the_images():
-    """prefect-dask submits with pure=True: Dask would otherwise pickle and hash every task's images for its key."""
-    from dask.tokenize import tokenize
-
-    images = torch.rand(4, 3, 8, 8)
-    rows = engine.TaskRows(images, torch.zeros(4, dtype=torch.long), torch.arange(4), "token-1")
-    assert tokenize(rows) == tokenize(engine.TaskRows(torch.zeros(4, 3, 8, 8), rows.labels, rows.sample_index, "token-1"))
-    assert tokenize(rows) != tokenize(engine.TaskRows(images, rows.labels, rows.sample_index, "token-2"))

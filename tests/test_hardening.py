@@ -17,6 +17,7 @@ from conftest import copy_evaluated
 from rcat import engine
 from rcat.cli import EXIT_BAD_INPUT, app
 from rcat.config import AttackConfig, load_params
+from rcat.dask_executor import require_reachable
 from rcat.errors import ConfigError, InputError, TrainingFailed
 from rcat.models import ModelSpec, load_model
 from rcat.safe_io import parquet_metadata, read_parquet, write_parquet, write_tensors
@@ -299,7 +300,7 @@ def test_a_malformed_replay_section_is_exit_2_even_with_fail_on_reject(tmp_path)
 
 def test_an_unreachable_dask_scheduler_is_one_line(free_port):
     with pytest.raises(InputError, match=rf"engine.dask_address tcp://127.0.0.1:{free_port}: no Dask scheduler answered"):
-        engine._require_reachable(f"tcp://127.0.0.1:{free_port}", timeout=2)
+        require_reachable(f"tcp://127.0.0.1:{free_port}", timeout=2)
 
 
 @pytest.fixture

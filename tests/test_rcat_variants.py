@@ -88,7 +88,9 @@ def test_cache_constraint_through_the_pipeline(tmp_path, monkeypatch):
         seen["old_robust"] = old_robust
         return original(*args, old_robust=old_robust, **kwargs)
 
-    monkeypatch.setattr(pipeline, "finetune", spy)
+    from rcat.stages import finetune as finetune_stage
+
+    monkeypatch.setattr(finetune_stage, "finetune", spy)
     pipeline.finetune_method(params, "cache", layout)
     import pandas as pd
 
@@ -127,7 +129,9 @@ def test_grid_method_keeps_the_point_with_the_lowest_validation_snfr(tmp_path, m
         attacked_splits.append(tuple(splits))
         return original_attack(model, role, splits, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "attack_model_on_splits", spy)
+    from rcat.stages import finetune as finetune_stage
+
+    monkeypatch.setattr(finetune_stage, "attack_model_on_splits", spy)
     digest = pipeline.finetune_method(params, "family", layout)
     assert attacked_splits == [("validation",)] * 3  # the test split is never read for selection
 
