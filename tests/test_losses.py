@@ -190,3 +190,55 @@ def test_rcat_gradient_matches_hand_formula():
     (0.1 * torch.nn.functional.cross_entropy(ce_only, LABELS)).backward()
     assert torch.allclose(z.grad[3], ce_only.grad[3], atol=1e-7)
     assert not torch.allclose(z.grad[0], ce_only.grad[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------- the comparison's controls and strengths
+
+
+def test_constraint_weights_by_hand():
+    from rcat.finetune import constraint_weights
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    robust = torch.tensor([True, True, False, False, True, False, False, False])
+    assert constraint_weights(robust, labels, "attack_cache", 0).tolist() == [1, 1, 0, 0, 1, 0, 0, 0]
+    # r_c / n_c: class 0 has 2 of 4 robust, class 1 has 1 of 2, class 2 none
+    assert constraint_weights(robust, labels, "class_reweighted", 0).tolist() == [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0]
+    for seed in range(5):
+        chosen = constraint_weights(robust, labels, "random_class_matched", seed)
+        # the same per-class counts as the robust set, on samples of the right class
+        assert torch.bincount(labels[chosen.bool()], minlength=3).tolist() == [2, 1, 0]
+        assert set(chosen.tolist()) <= {0.0, 1.0}
+    draws = {tuple(constraint_weights(robust, labels, "random_class_matched", seed).tolist()) for seed in range(20)}
+    assert len(draws) > 1  # a random subset, not the robust set itself
+    assert constraint_weights(robust, labels, "random_class_matched", 3).tolist() == constraint_weights(robust, labels, "random_class_matched", 3).tolist()
+    with pytest.raises(ValueError, match="not read from the attack cache"):
+        constraint_weights(robust, labels, "paper_proxy", 0)
+
+
+def test_weighted_constraint_is_a_weighted_mean_and_a_boolean_mask_its_special_case():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert float(masked_mean(values, torch.tensor([True, False, True, False]))) == pytest.approx(2.0)
+    assert float(masked_mean(values, torch.tensor([0.5, 0.5, 0.0, 1.0]))) == pytest.approx((0.5 + 1.0 + 4.0) / 2.0)
+    assert float(masked_mean(values, torch.zeros(4))) == 0.0
+
+
+def test_sum_distance_is_the_mean_times_the_class_count():
+    logits, reference = torch.tensor([[1.0, 2.0, 4.0]]), torch.tensor([[0.0, 0.0, 0.0]])
+    assert float(logit_distance(logits, reference)[0]) == pytest.approx(21 / 6)
+    assert float(logit_distance(logits, reference, "sum")[0]) == pytest.approx(21 / 2)
+    with pytest.raises(ValueError, match="use 'mean' or 'sum'"):
+        logit_distance(logits, reference, "max")
+
+
+def test_a_methods_own_budget_overrides_the_shared_one():
+    from rcat.config import FinetuneConfig, MethodConfig
+
+    shared = FinetuneConfig(epochs=3, lr=0.01, methods={"at": MethodConfig(loss="at")})
+    own = shared.for_method(MethodConfig(loss="at", epochs=6, lr=0.003, train_eps=0.02))
+    assert (own.epochs, own.lr, own.attack.eps, own.attack.name) == (6, 0.003, 0.02, shared.attack.name)
+    same = shared.for_method(MethodConfig(loss="at"))
+    assert (same.epochs, same.lr, same.attack) == (3, 0.01, shared.attack)
+    with pytest.raises(ValueError, match="no distillation term"):
+        MethodConfig(loss="at", distance="sum")
+    with pytest.raises(ValueError, match="loss: rcat only"):
+        MethodConfig(loss="pct", constraint_set="class_reweighted")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -82,3 +84,32 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     third = dvc(work, "repro")
     ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
     assert ran == {"finetune@rcat", "evaluate@rcat", "decide", "report"}
+
+
+@pytest.mark.slow
+def test_dvc_repro_of_the_attack_cache_with_two_workers_starts_no_prefect_server(pipeline_workspace):
+    """engine.workers: 2 runs the chunks in two local processes; nothing in a DVC stage starts a Prefect API server."""
+    import psutil
+
+    work = pipeline_workspace
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["engine"]["workers"] = 2
+    params["engine"]["chunk_size"] = 128
+    params["attack"]["batch_size"] = 64
+    params["tracking"]["enabled"] = False
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    process = subprocess.Popen(["dvc", "repro", "attack_cache"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: set[str] = set()
+    root = psutil.Process(process.pid)
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for child in root.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    seen.add(" ".join(child.cmdline()))
+        time.sleep(0.2)
+    output = process.stdout.read() if process.stdout else ""
+    assert process.returncode == 0, output
+    assert any("multiprocessing" in command and "spawn" in command for command in seen), sorted(seen)  # the two workers ran
+    assert not [command for command in seen if "prefect" in command or "uvicorn" in command], sorted(seen)
+    manifests = list((work / params["engine"]["cache_dir"]).glob("*/manifest.json"))
+    assert manifests and all({c["torch_threads"] for c in json.loads(m.read_text())["chunks"]} == {1} for m in manifests)
