@@ -8,6 +8,7 @@ MLflow tracking store does not answer).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,20 @@ import typer
 
 from rcat.errors import EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_TRACKING, RcatError, TrackingError, UpdateRejected
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], rich_markup_mode=None)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from rcat import __version__
+
+        print(f"rcat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")] = False) -> None:
+    """rcat: safe updates of adversarially robust models."""
 
 
 DATA_HELP = "digits | imagefolder:PATH | npz:PATH | cifar10-binary:DIR | cifar10-python:DIR | a split .safetensors"
@@ -27,6 +41,10 @@ MeanOption = Annotated[str | None, typer.Option(help="per-channel mean, e.g. 0.4
 StdOption = Annotated[str | None, typer.Option(help="per-channel std (with --mean)")]
 OptionalParamsOption = Annotated[Path | None, typer.Option("--params", help="params file; default ./params.yaml if present, else built-in defaults")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file (validated; unknown keys are rejected)")]
+EpsOption = Annotated[str | None, typer.Option(help="the attack's Linf eps in [0, 1] pixel units, e.g. 0.0157 or 4/255 (overrides params)")]
+AttackOption = Annotated[str | None, typer.Option(help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard (overrides params)")]
+DeviceOption = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps (overrides params)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the result as one JSON line (the attack it ran included)")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -65,6 +83,51 @@ STAGES: dict[str, tuple[str, str, str | None]] = {
 """``rcat stage NAME``: the module and function of each DVC stage, and the argument it needs."""
 
 DESCRIBE = {"decide": ("rcat.stages.decide", "describe_decision"), "report": ("rcat.report", "describe_report")}
+
+
+def parse_eps(text: str) -> float:
+    """``0.0157`` or ``4/255`` as a float in (0, 1]; a one-line error otherwise."""
+    try:
+        numerator, _, denominator = text.partition("/")
+        value = float(numerator) / (float(denominator) if denominator else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise RcatError(f"--eps {text!r}: not a number; use e.g. 0.0157 or 4/255") from None
+    if not 0.0 < value <= 1.0:
+        raise RcatError(f"--eps {text!r} = {value:g}: must be in (0, 1] (pixel units; inputs are in [0, 1])")
+    return value
+
+
+def with_overrides(config: Any, eps: str | None, attack: str | None, device: str | None) -> Any:
+    """The params with the command line's ``--eps`` / ``--attack`` / ``--device`` in place, validated again."""
+    from pydantic import ValidationError
+
+    from rcat.config import Params, format_validation_error
+
+    raw = config.model_dump(mode="json")
+    if attack is not None:
+        if attack in PRESETS:
+            raw["attack"].update(preset=attack, ensemble=None)
+        else:
+            # APGD keeps the configured loss; APGD-T is DLR-targeted; the others take cross-entropy in torchattacks
+            loss = raw["attack"]["loss"] if attack == "apgd" else ("dlr" if attack == "apgdt" else "ce")
+            raw["attack"].update(name=attack, loss=loss, preset=None, ensemble=None)
+    if eps is not None:
+        raw["attack"]["eps"] = parse_eps(eps)
+    if device is not None:
+        raw["device"] = device
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise RcatError(format_validation_error(exc, "the command line (--eps/--attack/--device)")) from None
+
+
+def _no_overrides_for_stages(eps: str | None, attack: str | None, device: str | None, command: str) -> None:
+    if eps is not None or attack is not None or device is not None:
+        raise RcatError(f"{command} runs a pipeline stage, which reads params.yaml only (so that DVC sees what changed); "
+                        "set attack.eps / attack.name / device there, or use --model/--old/--new with the flags")
+
+
+PRESETS = ("autoattack-standard",)
 
 
 def run_stage(stage: str, argument: str | None = None, params_path: str = "params.yaml") -> Any:
@@ -129,10 +192,15 @@ def attack(
     mean: MeanOption = None,
     std: StdOption = None,
     params: OptionalParamsOption = None,
+    eps: EpsOption = None,
+    attack_name: Annotated[str | None, typer.Option("--attack", help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard (overrides params)")] = None,
+    device_name: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (overrides params)")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Attack one model with the params' evaluation attack and write one row per sample; without
     --model, run the baseline attack cache stage (old and new model on every split)."""
     if model is None:
+        _no_overrides_for_stages(eps, attack_name, device_name, "attack")
         run_stage("attack_cache", None, str(params or "params.yaml"))
         return
     if data is None or out is None:
@@ -142,13 +210,19 @@ def attack(
     from rcat.runtime import resolve_device
     from rcat.safe_io import write_parquet
 
-    config = _params_or_defaults(params)
+    config = with_overrides(_params_or_defaults(params), eps, attack_name, device_name)
     device = resolve_device(config.device)
     samples = load_data_argument(data, config.data, config.seed, split)
     loaded = _load_reference(model, samples, device, config, mean, std)
     outcomes = pipeline.attack_model_on_splits(loaded, "model", {samples.name: samples}, config.attack, config.seed, device, config.engine)
     write_parquet(out, outcomes)
-    print(f"{out}: {len(outcomes)} samples, accuracy {outcomes['clean_correct'].mean():.4f}, robust accuracy {outcomes['robust'].mean():.4f}")
+    result = {"out": str(out), "samples": len(outcomes), "accuracy": float(outcomes["clean_correct"].mean()),
+              "robust_accuracy": float(outcomes["robust"].mean()), "attack": config.attack.label(), "device": str(device)}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"{out}: {result['samples']} samples, accuracy {result['accuracy']:.4f}, robust accuracy {result['robust_accuracy']:.4f} "
+              f"(attack {result['attack']}, device {result['device']})")
 
 
 @app.command()
@@ -173,6 +247,10 @@ def evaluate(
     mean: MeanOption = None,
     std: StdOption = None,
     params: OptionalParamsOption = None,
+    eps: EpsOption = None,
+    attack_name: Annotated[str | None, typer.Option("--attack", help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard (overrides params)")] = None,
+    device_name: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (overrides params)")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Flip evaluation: attack both models (each with its own attack) and compare them.
 
@@ -180,6 +258,7 @@ def evaluate(
     OUT/flips.parquet (one row per sample). With --method: the pipeline's evaluate stage.
     """
     if method is not None:
+        _no_overrides_for_stages(eps, attack_name, device_name, "evaluate --method")
         run_stage("evaluate", method, str(params or "params.yaml"))
         return
     if old is None or new is None or data is None or out is None:
@@ -188,13 +267,17 @@ def evaluate(
     from rcat.data import load_data_argument
     from rcat.runtime import resolve_device
 
-    config = _params_or_defaults(params)
+    config = with_overrides(_params_or_defaults(params), eps, attack_name, device_name)
     device = resolve_device(config.device)
     samples = load_data_argument(data, config.data, config.seed, split)
     old_model = _load_reference(old, samples, device, config, mean, std)
     new_model = _load_reference(new, samples, device, config, mean, std)
     metrics = pipeline.evaluate_pair(old_model, new_model, samples, config.attack, config.seed, device, out, config.engine)
-    print(" ".join(f"{key}={metrics[key]:.4f}" for key in ("accuracy_old", "accuracy_new", "robust_accuracy_old", "robust_accuracy_new", "nfr", "rnfr")))
+    if as_json:
+        print(json.dumps({**metrics, "attack": config.attack.label(), "device": str(device), "out": str(out)}, default=str))
+    else:
+        print(" ".join(f"{key}={metrics[key]:.4f}" for key in ("accuracy_old", "accuracy_new", "robust_accuracy_old", "robust_accuracy_new", "nfr", "rnfr"))
+              + f" attack={config.attack.label()} device={device}")
 
 
 @app.command()
@@ -314,6 +397,18 @@ def _params_or_defaults(path: Path | None) -> Any:
     from rcat.config import FinetuneConfig, MethodConfig, Params
 
     return Params(finetune=FinetuneConfig(methods={"at": MethodConfig(loss="at")}))
+
+
+def _plain_help() -> None:
+    """Help text without reStructuredText markup: ``x`` and `x` print as 'x'."""
+    import re
+
+    for command in app.registered_commands:
+        if command.callback is not None and command.callback.__doc__:
+            command.help = re.sub(r"`{1,2}([^`]+)`{1,2}", r"'\1'", command.callback.__doc__)
+
+
+_plain_help()
 
 
 def main() -> None:  # pragma: no cover - console entry

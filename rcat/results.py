@@ -98,6 +98,11 @@ class Layout:
         return self.root / "decide" / "decision.json"
 
     @property
+    def check(self) -> Path:
+        """The check's headline for ``dvc exp show`` (:func:`rcat.stages.decide.check_summary`)."""
+        return self.root / "decide" / "check.json"
+
+    @property
     def tradeoff(self) -> Path:
         return self.root / "decide" / "tradeoff.csv"
 

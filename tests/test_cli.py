@@ -135,3 +135,40 @@ def test_explicit_missing_params_file_is_an_error_not_defaults(tmp_path, model_f
     assert result.exit_code == EXIT_BAD_INPUT
     assert "nope.yaml" in result.stderr and "not found" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_flags_override_the_params_and_the_output_states_the_attack(tmp_path, model_files, short_params):
+    old, new = model_files
+    base = ["evaluate", "--old", str(old), "--new", str(new), "--data", "digits", "--split", "test", "--params", str(short_params)]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "a"), "--eps", "4/255", "--attack", "pgd", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output.strip().splitlines()[-1])
+    assert printed["attack"] == f"pgd-ce:5it:1r:Linf:eps={4 / 255:g}" and printed["device"] == "cpu"
+    outcomes = pd.read_parquet(tmp_path / "a" / "outcomes.parquet")
+    assert json.loads(outcomes["attack_config"].iloc[0])["eps"] == pytest.approx(4 / 255)
+    # a smaller eps than the params' 0.1 leaves more samples robust
+    default = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--json"])
+    assert json.loads(default.output.strip().splitlines()[-1])["robust_accuracy_new"] < printed["robust_accuracy_new"]
+    text = runner.invoke(app, ["attack", "--model", str(old), "--data", "digits", "--split", "test", "--out", str(tmp_path / "o.parquet"),
+                               "--params", str(short_params), "--eps", "0.05"])
+    assert text.exit_code == 0 and "attack apgd-dlr:5it:1r:Linf:eps=0.05" in text.output
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [("--eps", "2", "must be in (0, 1]"), ("--eps", "a/b", "not a number"),
+                                                        ("--attack", "deepfool", "attack.name"), ("--device", "tpu", "device")])
+def test_bad_flags_are_one_line_errors(tmp_path, model_files, short_params, flag, value, message):
+    old, new = model_files
+    result = runner.invoke(app, ["evaluate", "--old", str(old), "--new", str(new), "--data", "digits", "--out", str(tmp_path / "o"),
+                                 "--params", str(short_params), flag, value])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_stage_modes_refuse_the_flags_and_version_prints():
+    result = runner.invoke(app, ["evaluate", "--method", "at", "--eps", "0.1"])
+    assert result.exit_code == EXIT_BAD_INPUT and "reads params.yaml only" in result.output
+    version = runner.invoke(app, ["--version"])
+    from rcat import __version__
+
+    assert version.exit_code == 0 and version.output.strip() == f"rcat {__version__}"
+    assert "``" not in runner.invoke(app, ["evaluate", "--help"]).output

@@ -204,3 +204,14 @@ def test_tidy_candidate_table(project):
     stored = read_json("data/evaluate/at/metrics.json")
     assert verified["at"].metrics["test"]["rnfr"] == stored["test"]["rnfr"]
     assert json.dumps(verified["at"].metrics["test"]["n_samples"]) == json.dumps(stored["test"]["n_samples"])
+
+
+def test_check_json_is_the_verdict_and_its_candidates_figures(evaluated_project):
+    """`dvc exp show` reads data/decide/check.json: verdict, 0/1, candidate and its confirmation-split figures."""
+    check = json.loads((evaluated_project / "data/decide/check.json").read_text())
+    record = json.loads((evaluated_project / "data/decide/decision.json").read_text())
+    candidate = record["candidate"] or record["selected_on_validation"]
+    assert (check["verdict"], check["promote"], check["candidate"]) == (record["verdict"], int(record["verdict"] == "promote"), candidate)
+    test = record["replay"]["evaluations"][candidate]["test"]
+    assert [check[k] for k in ("accuracy", "robust_accuracy", "nfr", "rnfr", "snfr")] == [
+        test[k] for k in ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr", "snfr")]

@@ -13,6 +13,12 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
+def _leaves(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [leaf for key, value in tree.items() for leaf in _leaves(value, f"{prefix}.{key}" if prefix else key)]
+
+
 def dvc(work, *args):
     result = subprocess.run(["dvc", *args], cwd=work, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -35,12 +41,21 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
 
     shown = json.loads(dvc(work, "metrics", "show", "--json"))
     files = next(iter(shown.values()))["data"]
+    assert list(files) == ["data/decide/check.json"]  # the one DVC metric: the check's headline
     for method in methods:
-        metrics = files[f"data/evaluate/{method}/metrics.json"]["data"]
+        metrics = json.loads((work / f"data/evaluate/{method}/metrics.json").read_text())
         for split in ("validation", "test"):
             for key in ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr", "snfr", "btc"):
                 assert 0.0 <= metrics[split][key] <= 1.0
             assert metrics[split]["n_samples"] == 360
+    check = files["data/decide/check.json"]["data"]
+    recorded = json.loads((work / "data/decide/decision.json").read_text())
+    assert check["verdict"] == recorded["verdict"] and check["promote"] == int(recorded["verdict"] == "promote")
+    experiments = json.loads(dvc(work, "exp", "show", "--json"))
+    columns = experiments[0]["data"]
+    n_columns = (sum(len(v["data"]) for v in columns["metrics"].values()) + sum(len(_leaves(v["data"])) for v in columns["params"].values())
+                 + len(columns.get("deps", {})))
+    assert n_columns <= 200, n_columns  # `dvc exp show` fits a terminal and leads with the verdict
 
     decision = json.loads((work / "data/decide/decision.json").read_text())
     assert decision["verdict"] in {"promote", "reject"}

@@ -86,6 +86,22 @@ def input_digests(params: Params, layout: Layout, evidence: dict[str, dict[str, 
     return digests
 
 
+CHECK_FIGURES = ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr", "snfr")
+"""The candidate's figures in ``check.json`` (fractions of the confirmation split, in [0, 1])."""
+
+
+def check_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The few values ``dvc exp show`` leads with: ``verdict`` (promote|reject), ``promote`` (1|0),
+    ``candidate`` (the promoted one, else the one selected on validation, else ``none``) and its
+    confirmation-split accuracy, robust accuracy, NFR, RNFR and S-NFR (null when it has none)."""
+    candidate = record.get("candidate") or record.get(f"selected_on_{record.get('selection_split', 'validation')}")
+    split = record.get("confirmation_split", "test")
+    evaluations = (record.get("replay") or {}).get("evaluations") or {}
+    metrics = (evaluations.get(candidate) or {}).get(split) or {} if candidate else {}
+    figures = {key.removesuffix("_new"): metrics.get(key) for key in CHECK_FIGURES}
+    return {"verdict": record["verdict"], "promote": int(record["verdict"] == "promote"), "candidate": candidate or "none", **figures}
+
+
 def describe_decision(record: dict[str, Any]) -> str:
     """The stage's one line on stdout: ``decision: promote rcat (...reasons)``."""
     return f"decision: {record['verdict']} {record['candidate'] or ''} ({'; '.join(record['reasons'])})"
@@ -112,6 +128,7 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
         refused = {"verdict": "reject", "candidate": None, "reasons": [f"evidence check failed: {exc}"], "problems": [str(exc)],
                    "evidence_verified": False}
         write_json(layout.decision, sign(refused))
+        write_json(layout.check, check_summary(refused))
         raise
     record = decide_update(evaluations, params.decision, expected)
     record["problems"] = problems
@@ -125,6 +142,7 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
                         "num_classes": num_classes}
     record = sign(record)
     write_json(layout.decision, record)
+    write_json(layout.check, check_summary(record))
     _write_tradeoff(evaluations, layout.tradeoff)
     if tracker is not None:
         parent = tracker.parent()
