@@ -10,10 +10,15 @@ check is one parent run (:class:`rcat.tracking.Tracker`). The step:
    failed or incomplete evaluation can never move ``champion``.
 2. **Registers** every candidate (``new`` and each fine-tuned method) whose model file still has the
    SHA-256 the decision recorded. The file is logged to the parent run under
-   ``registry/<candidate>/<sha256[:16]>/`` and that artifact location is the version's source, with
-   the parent run as the version's run: the version's content is fixed (a rerun never overwrites
-   it) and ``models:/<name>/<version>`` loads it through :func:`rcat.models.load_model_reference`
-   (an rcat safetensors file, never an MLflow flavour). Version tags: ``rcat.candidate``,
+   ``registry/<candidate>/<sha256[:16]>/`` as an MLflow model (:mod:`rcat.mlflow_model`: an
+   ``MLmodel`` with a signature and a pyfunc flavour whose loader is installed rcat code reading
+   the safetensors file, so ``mlflow.pyfunc.load_model("models:/<name>@champion").predict(batch)``
+   returns class scores and ``mlflow models serve`` serves it), and that artifact location is the
+   version's source, with the parent run as the version's run: the version's content is fixed (a
+   rerun never overwrites it) and ``models:/<name>/<version>`` also loads through
+   :func:`rcat.models.load_model_reference` (the safetensors file inside; nothing is unpickled).
+   A weight file already registered (same SHA-256, by any earlier check) is not registered again:
+   its version is reused and its tags updated. Version tags: ``rcat.candidate``,
    ``rcat.update_check`` (parent run id), ``rcat.pipeline_key``, ``rcat.code_revision``,
    ``rcat.sha256``, ``rcat.weights_digest``, ``rcat.check_verdict``, ``rcat.decision``
    (``promoted`` | ``selected, not confirmed`` | ``admissible`` | ``inadmissible``) and
@@ -27,8 +32,8 @@ check is one parent run (:class:`rcat.tracking.Tracker`). The step:
    ``models:/<name>/<version>``). On ``reject`` the champion is untouched and the registered
    model's ``last_rejected_check`` tag names the check.
 
-**Idempotent.** A version is looked up by (parent run id, candidate, SHA-256) before one is
-created, so rerunning decide for the same check registers nothing new; and a check moves
+**Idempotent.** A version is looked up by SHA-256 before one is created, so rerunning decide for
+the same check, or checking the same weights again, registers nothing new; and a check moves
 ``champion`` at most once (its version carries ``rcat.promoted_by_check``), so rerunning an older
 check's decide never rolls the champion back over a later promotion.
 
@@ -55,6 +60,8 @@ HISTORY_TAG = "champion_history"
 REJECTED_TAG = "last_rejected_check"
 HISTORY_KEEP = 50
 """Entries kept in ``champion_history`` (a tag value; older champions stay reachable by version number)."""
+MAX_VERSIONS_SEARCHED = 10_000
+"""Versions read when looking for one with the same SHA-256 (a registry of one model rarely holds more)."""
 TAGGED_METRICS = ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr", "snfr")
 """Gate figures copied onto each version as tags ``<split>/<metric>``."""
 
@@ -144,7 +151,8 @@ def register_update_check(tracker: Any, params: Params, layout: Any, record: dic
                                        "'champion' is the model in service, 'challenger' the latest check's best admissible candidate")
     check = {"rcat.update_check": parent.run_id, "rcat.pipeline_key": tracker.key, "rcat.code_revision": tracker.revision}
     artifact_root = client.get_run(parent.run_id).info.artifact_uri
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{parent.run_id}'")
+    # every version of the model, not only this check's: a weight file is registered once, by its SHA-256
+    existing = client.search_model_versions(f"name = '{name}'", max_results=MAX_VERSIONS_SEARCHED)
 
     versions: dict[str, Any] = {}
     skipped: dict[str, str] = {}
@@ -159,18 +167,26 @@ def register_update_check(tracker: Any, params: Params, layout: Any, record: dic
             skipped[candidate] = f"{path}: SHA-256 {sha256[:12]} differs from the decision's {str(recorded)[:12]}; rerun 'dvc repro decide'"
             continue
         tags = _version_tags(candidate, record, check, sha256, _weights_digest(path))
-        found = [v for v in existing if v.tags.get("rcat.candidate") == candidate and v.tags.get("rcat.sha256") == sha256]
+        found = sorted((v for v in existing if v.tags.get("rcat.sha256") == sha256), key=lambda v: int(v.version))
         if found:
+            # the same weights as an earlier version (this check rerun, or a later check of the same file): reuse it;
+            # its tags now describe the latest check that evaluated it
             version = found[0]
             for key, value in tags.items():
                 if version.tags.get(key) != value:
                     client.set_model_version_tag(name, version.version, key, value)
         else:
-            # a content-addressed path: a later rerun of this check never overwrites a registered version's file
+            import tempfile
+
+            from rcat.mlflow_model import save_mlflow_model
+
+            # a content-addressed path: a later rerun of this check never overwrites a registered version's files
             artifact_path = f"registry/{candidate}/{sha256[:16]}"
-            client.log_artifact(parent.run_id, str(path), artifact_path)
+            with tempfile.TemporaryDirectory(prefix="rcat-register-") as tmp:
+                client.log_artifacts(parent.run_id, str(save_mlflow_model(path, Path(tmp) / "model")), artifact_path)
             version = client.create_model_version(name, f"{artifact_root}/{artifact_path}", run_id=parent.run_id, tags=tags,
                                                   description=f"update check {parent.run_id}: candidate {candidate}")
+            existing.append(version)
         versions[candidate] = version
 
     aliases = dict(client.get_registered_model(name).aliases or {})

@@ -14,10 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -156,7 +158,44 @@ def _candidate_outcomes(layout, candidate: str) -> pd.DataFrame:
 
 
 def _versions_of(client, run_id: str) -> dict[str, str]:
-    return {v.tags["rcat.candidate"]: v.version for v in client.search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{run_id}'")}
+    """The versions whose latest check is ``run_id`` (a version is reused, and retagged, by every check of its weights)."""
+    return {v.tags["rcat.candidate"]: v.version for v in client.search_model_versions(f"name = '{MODEL_NAME}'")
+            if v.tags.get("rcat.update_check") == run_id}
+
+
+def _serve_and_predict(model_uri: str, batch, expected) -> None:
+    """``mlflow models serve`` (this environment, one worker) on 127.0.0.1 answers /invocations with the class scores."""
+    import numpy as np
+
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        body = json.dumps({"inputs": batch.tolist()}).encode()
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    predictions = np.asarray(json.loads(answer.read())["predictions"], dtype=np.float32)
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve did not answer: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+        assert predictions.shape == expected.shape and np.allclose(predictions, expected, atol=1e-5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        log.close()
 
 
 @pytest.mark.slow
@@ -198,6 +237,7 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     for candidate, version in versions1.items():
         detail = client.get_model_version(MODEL_NAME, version)
         assert detail.run_id == parent1 and detail.tags["rcat.update_check"] == parent1
+        assert (Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{version}")) / "MLmodel").is_file()
         assert detail.tags["rcat.weights_digest"] == load_model(_candidate_file(layout1, candidate)).digest
         assert detail.tags["rcat.decision"] == ("promoted" if candidate == record1["candidate"] else "admissible")
         assert float(detail.tags["test/rnfr"]) == pytest.approx(record1["replay"]["evaluations"][candidate]["test"]["rnfr"], abs=1e-6)
@@ -300,6 +340,21 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     registered = client.get_registered_model(MODEL_NAME)
     assert registered.aliases[CHAMPION] == m2_version
     assert len(json.loads(registered.tags[HISTORY_TAG])) == 2
+    # one version per distinct weight file, however many checks saw it
+    every = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert len(every) == len({v.tags["rcat.sha256"] for v in every}) == 4  # new1, at1, new2, at2
+
+    # the champion is an MLflow model: pyfunc predicts class scores, equal to rcat's own network
+    champion_file = _candidate_file(layout2, record2["candidate"])
+    batch = load_split(layout2.split("test")).images[:5]
+    scores = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}").predict(batch.numpy())
+    with torch.no_grad():
+        expected_scores = load_model(champion_file).network(batch).numpy()
+    assert scores.shape == (5, 10) and np.allclose(scores, expected_scores, atol=1e-6)
+    signature = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@{CHAMPION}").signature
+    assert signature.inputs.inputs[0].shape == (-1, *batch.shape[1:]) and signature.outputs.inputs[0].shape == (-1, 10)
+    _serve_and_predict(f"models:/{MODEL_NAME}@{CHAMPION}", batch.numpy(), expected_scores)
+
     new_run = rows.loc[rows["tags.rcat.child"] == "candidate:new", "run_id"].item()
     new_table = client.load_table(rows["experiment_id"].iloc[0], "flips/new.json", run_ids=[new_run])
     assert len(new_table) == len(flip_set(read_parquet(layout1.attack_cache / "flips.parquet")))  # replaced, not appended
