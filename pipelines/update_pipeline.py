@@ -28,6 +28,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE as NO_CACHE
+from prefect.events import emit_event
 
 from rcat.errors import EXIT_TRACKING
 
@@ -269,6 +270,11 @@ def render_decision_markdown(project_dir: str = ".") -> tuple[dict[str, Any], st
     return decision, "\n".join(lines) + "\n"
 
 
+EVENT_PREFIX = "rcat.update-check"
+"""Every published decision emits ``rcat.update-check.promote`` or ``rcat.update-check.reject`` (payload: verdict,
+candidate, reasons; resource ``rcat.project.<directory name>``): a Prefect automation can match the reject."""
+
+
 @task(name="publish-decision", cache_policy=NO_CACHE)
 def publish_decision(project_dir: str = ".") -> dict[str, Any]:
     """Publish ``data/decide/decision.json`` as a markdown artifact and the candidates' key figures as a table."""
@@ -278,6 +284,8 @@ def publish_decision(project_dir: str = ".") -> dict[str, Any]:
     create_table_artifact(table=rows, key=CANDIDATES_ARTIFACT_KEY,
                           description="Candidates on the confirmation split: fractions in [0, 1], flips against the old model")
     print(f"decision: {decision['verdict']} {decision.get('candidate') or ''} ({'; '.join(decision.get('reasons') or [])})")
+    emit_event(event=f"{EVENT_PREFIX}.{decision['verdict']}", resource={"prefect.resource.id": f"rcat.project.{Path(project_dir).resolve().name}"},
+               payload={"verdict": decision["verdict"], "candidate": decision.get("candidate"), "reasons": decision.get("reasons") or []})
     return {"verdict": decision["verdict"], "candidate": decision.get("candidate")}
 
 

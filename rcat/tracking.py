@@ -43,6 +43,9 @@ from rcat.runtime import code_revision
 from rcat.safe_io import sha256_json
 
 PIPELINE_KEY_TAG = "rcat.pipeline_key"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment of this kind on its runs (untagged ones open on GenAI traces)."""
 CHILD_TAG = "rcat.child"
 
 ATTEMPTS = 3
@@ -216,6 +219,10 @@ class RunLogger:
         if entry not in logged:
             self.tags({"mlflow.loggedArtifacts": json.dumps([*logged, entry])})
 
+    def rename(self, name: str) -> None:
+        """Set the run's name, as the MLflow UI lists it."""
+        self.client.update_run(self.run_id, name=name)
+
     def figure(self, figure: Any, artifact_file: str) -> None:
         """Log a matplotlib figure as an image artifact (``artifact_file`` ends in ``.png``)."""
         self.client.log_figure(self.run_id, figure, artifact_file)
@@ -233,6 +240,7 @@ class NullLogger(RunLogger):
     def artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None: ...
     def table(self, frame: Any, artifact_file: str) -> None: ...
     def figure(self, figure: Any, artifact_file: str) -> None: ...
+    def rename(self, name: str) -> None: ...
 
 
 class _GuardedClient:
@@ -313,7 +321,12 @@ class Tracker:
         check_sqlite_store(self.uri)
         client = _GuardedClient(self._call(MlflowClient, tracking_uri=self.uri), self)
         experiment = client.get_experiment_by_name(self.config.experiment)
-        self._experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.config.experiment)
+        if experiment is None:
+            self._experiment_id = client.create_experiment(self.config.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        else:
+            self._experiment_id = experiment.experiment_id
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # an experiment made before rcat tagged them
+                client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self._client = client  # only once connected: a failed connect is retried by the next call
 
     def _find(self, extra_filter: str) -> str | None:
@@ -331,7 +344,7 @@ class Tracker:
         if run_id is None:
             run = self._client.create_run(
                 self._experiment_id,
-                run_name=f"update-check-{self.key[:8]}",
+                run_name=f"check {time.strftime('%Y-%m-%d')} running ({self.key[:8]})",  # renamed by decide: check DATE VERDICT CANDIDATE
                 tags={PIPELINE_KEY_TAG: self.key, CHILD_TAG: "__parent__", "rcat.code_revision": self.revision},
             )
             run_id = run.info.run_id

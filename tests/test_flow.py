@@ -4,6 +4,7 @@ its outputs, lock file and run-cache: whichever of the two runs second recompute
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,19 @@ def test_flow_and_dvc_repro_share_outputs(prefect_harness, pipeline_workspace):
     decision = read_decision(work)
     assert (first["verdict"], first["candidate"]) == (decision["verdict"], decision["candidate"])
     assert decision["verdict"] in {"promote", "reject"}
+
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    events: list = []
+    for _ in range(60):  # events reach the server asynchronously
+        with get_client(sync_client=True) as client:
+            query = {"filter": EventFilter(event=EventNameFilter(prefix=["rcat.update-check."])).model_dump(mode="json")}
+            events = client.request("POST", "/events/filter", json=query).json()["events"]
+        if events:
+            break
+        time.sleep(0.5)
+    assert [event["event"] for event in events][-1:] == [f"rcat.update-check.{decision['verdict']}"]  # an automation can match a reject
+    assert events[-1]["payload"]["candidate"] == decision["candidate"]
 
     artifact = Artifact.get("rcat-decision")
     assert artifact is not None and artifact.flow_run_id == state.state_details.flow_run_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,10 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
         parent = tracker.parent()
         parent.tags({"rcat.verdict": record["verdict"], "rcat.candidate": record["candidate"] or "none", "rcat.reasons": " | ".join(record["reasons"])})
         parent.metrics({"decision/promote": 1.0 if record["verdict"] == "promote" else 0.0})
+        summary = check_summary(record)
+        # the chosen candidate's key figures on the parent run: the check's row in the runs table
+        parent.metrics({f"check/{key}": summary[key] for key in ("accuracy", "robust_accuracy", "nfr", "rnfr", "snfr") if summary[key] is not None})
+        parent.rename(f"check {time.strftime('%Y-%m-%d')} {record['verdict']} {summary['candidate']}")
         parent.artifact(layout.decision)
         parent.artifact(layout.tradeoff)
         if tracker.enabled:

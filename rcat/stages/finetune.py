@@ -57,7 +57,8 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
         record["grid_within_limits"] = within_limits
     write_json(layout.finetune_history(method_name), record)
     if tracker is not None:
-        with tracker.child(f"candidate:{method_name}", "candidate") as run:
+        # its own run, not the candidate's: every candidate run (new included) then has the same metric keys
+        with tracker.child(f"finetune:{method_name}", "stage") as run:
             run.params(method_params(params, method_name))
             for epoch, values in curves:
                 run.metrics({f"train/{k}": v for k, v in values.items()}, step=epoch)
