@@ -4,9 +4,9 @@ its outputs, lock file and run-cache: whichever of the two runs second recompute
 from __future__ import annotations
 
 import json
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
