@@ -9,18 +9,25 @@ Same small CNN, same CIFAR-size data (3x32x32), same attacks:
 * ``ratio_vs_plain_realistic``: the engine running an ensemble the way it does (clean mistakes
   not attacked, each next attack only on samples still robust) against the plain loop running
   every attack on every sample;
-* ``scaleout_2w_vs_1w``: the engine with 2 Dask workers (Prefect tasks on a running local
-  cluster reached through ``dask_address``, one torch thread each; cluster start-up excluded, the
-  cold figure with a cluster started per run is printed too) against 1 worker (in process, one
-  torch thread);
+* ``scaleout_2w_vs_1w``: the engine with 2 local worker processes (``engine.workers: 2``, a warm
+  pool kept for the round, one torch thread each; ``scaleout_2w_cold_vs_1w`` with the pool started
+  per run) against 1 worker (in process, one torch thread); ``scaleout_dask_2w_vs_1w`` (with
+  ``--dask``): 2 workers of an existing local Dask cluster reached through ``dask_address``;
+* ``scaleout_2w_vs_1proc_2threads``: the same 2 workers against one process using both cores
+  (2 torch threads, in process); the two alternate ``--rounds`` times (default 3) and the figure is
+  the median of the rounds' ratios (the machine drifts by several percent within minutes: each
+  round compares neighbours); ``scaleout_2w_vs_1w`` uses the median 2-worker time;
 * ``cached_rerun_fraction``: wall time of a rerun with the same inputs over the first run's;
-* ``scaleout_2w_vs_1proc_2threads``: the same 2 Dask workers against one process using both
-  cores (2 torch threads, in process, with no cluster or Prefect server running); the two
-  alternate ``--rounds`` times (default 3) and the figure is the median of the rounds' ratios
-  (the machine drifts by several percent within minutes: each round compares neighbours);
-  ``scaleout_2w_vs_1w`` uses the median 2-worker time;
-* ``cached_rerun_fraction`` as above; ``peak_rss_mb``: this process's peak resident set size
-  (resource.getrusage; Dask workers are separate processes and not included);
+  ``peak_rss_mb``: this process's peak resident set size (resource.getrusage; workers are
+  separate processes and not included);
+* ``ratio_vs_plain_realistic_single``, ``ratio_cascade_vs_plain``, ``cascade_extra_robust``,
+  ``seed_noise_robust`` (section d, when the committed CIFAR-10 pair and the images are present):
+  the pair's new model on real CIFAR-10 images with the paper's APGD-DLR-50 at 4/255. A plain
+  torchattacks loop as a user writes it (its APGD attacks only the clean-correct samples by
+  itself) against the engine with the same attack, and against the ``cascade`` preset (APGD-CE-10
+  first, APGD-DLR-50 on what survives); the samples robust under the cascade but broken by the
+  full attack alone; and, for scale, the samples whose verdict differs between two seeds of the
+  full attack;
 * ``peak_rss_mb_50k`` (with ``--memory``): the peak RSS of ``benchmarks/attack_memory.py`` (the
   engine on all 50,000 CIFAR-10 training images, FGSM), run as a separate process.
 
@@ -46,7 +53,6 @@ Prints the figures as one JSON line, last.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -130,20 +136,61 @@ def timed_engine(network, split, config, cache_dir: Path, chunk_size: int, seed:
     return time.perf_counter() - begin, frame
 
 
-@contextlib.contextmanager
-def own_prefect_api():
-    """A Prefect API server (ephemeral, on this machine) for the block only: Prefect keeps the one it
-    starts itself until the process exits, where it would take CPU from the in-process runs."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+REALISTIC_MODEL = Path(__file__).resolve().parents[1] / "docs" / "results" / "models" / "cifar10_pair" / "seed-0" / "new.safetensors"
+"""The realistic model of section (d): the committed CIFAR-10 pair's new model (benchmarks/train_pair.py)."""
 
-    server = SubprocessASGIServer()
-    server.start()
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        server.stop()
+
+def realistic_comparison(quick: bool, workdir: Path, seed: int) -> dict:
+    """Section (d): plain loop vs engine vs cascade on the committed CIFAR-10 model; seed noise of the full attack."""
+    import torch
+
+    from rcat.config import AttackConfig
+    from rcat.models import load_model
+
+    n, batch = (500, 250) if quick else (2000, 500)
+    model = load_model(REALISTIC_MODEL, "cpu")
+    images, labels, note = load_data(n // 10, workdir / "realistic")
+    images, labels = images[:n].contiguous(), labels[:n].contiguous()
+    network, eps = model.network.eval(), 4 / 255
+    full = AttackConfig(name="apgd", loss="dlr", eps=eps, steps=50, batch_size=batch)
+    cascade = full.model_copy(update={"preset": "cascade"})
+    split = (images, labels, torch.arange(n))
+
+    def plain() -> tuple[float, torch.Tensor]:
+        import torchattacks
+
+        attack = torchattacks.APGD(network, norm="Linf", eps=eps, steps=50, n_restarts=1, loss="dlr", seed=seed)
+        robust = []
+        begin = time.perf_counter()
+        for start in range(0, n, batch):
+            x, y = images[start : start + batch], labels[start : start + batch]
+            x_adv = attack(x, y)
+            with torch.no_grad():
+                robust.append(network(x_adv).argmax(1) == y)
+        return time.perf_counter() - begin, torch.cat(robust)
+
+    fresh = iter(range(1_000))
+    plain(), timed_engine(network, tuple(part[:batch] for part in split), full, workdir / "cache-r-warm", batch, seed)  # one-time costs
+    (plain_s, plain_robust), (engine_s, engine_frame), (cascade_s, cascade_frame) = best_of(
+        1 if quick else 2, plain,
+        lambda: timed_engine(network, split, full, workdir / f"cache-r-{next(fresh)}", 2 * batch, seed),
+        lambda: timed_engine(network, split, cascade, workdir / f"cache-r-{next(fresh)}", 2 * batch, seed),
+    )
+    _, other_seed = timed_engine(network, split, full, workdir / "cache-r-seed1", 2 * batch, seed + 1)
+    full_robust, cascade_robust, seed1_robust = (frame["robust"].to_numpy() for frame in (engine_frame, cascade_frame, other_seed))
+    extra = int((cascade_robust & ~full_robust).sum())
+    noise = int((seed1_robust & ~full_robust).sum() + (full_robust & ~seed1_robust).sum())
+    print(f"realistic: the committed CIFAR-10 new model ({REALISTIC_MODEL.name}, {note}), {n} images, clean accuracy "
+          f"{engine_frame['clean_correct'].mean():.3f}, {full.label()} in batches of {batch} ({load()}):", flush=True)
+    print(f"  plain torchattacks loop:  {plain_s:.2f} s, robust accuracy {float(plain_robust.float().mean()):.3f}")
+    print(f"  engine, same attack:      {engine_s:.2f} s, robust accuracy {full_robust.mean():.3f} -> {plain_s / engine_s:.3f}x plain")
+    print(f"  engine, cascade preset:   {cascade_s:.2f} s, robust accuracy {cascade_robust.mean():.3f} -> {plain_s / cascade_s:.3f}x plain; "
+          f"broken by {cascade_frame['broken_by'].replace('', 'none').value_counts().to_dict()}")
+    print(f"  robust under the cascade but broken by the full attack alone: {extra}; samples whose verdict changes between "
+          f"attack seeds {seed} and {seed + 1} (full attack): {noise}", flush=True)
+    return {"ratio_vs_plain_realistic_single": round(plain_s / engine_s, 3), "ratio_cascade_vs_plain": round(plain_s / cascade_s, 3),
+            "cascade_extra_robust": extra, "seed_noise_robust": noise, "realistic_n": n,
+            "realistic_robust_full": round(float(full_robust.mean()), 4), "realistic_robust_cascade": round(float(cascade_robust.mean()), 4)}
 
 
 def load() -> str:
@@ -172,14 +219,17 @@ def memory_run() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sample and short attacks: finishes within a minute")
-    parser.add_argument("--no-dask", action="store_true", help="skip the 2-worker scale-out measurement")
+    parser.add_argument("--no-workers", action="store_true", help="skip the 2-worker scale-out measurement")
+    parser.add_argument("--dask", action="store_true", help="also time 2 workers of an existing Dask cluster (started here, excluded)")
+    parser.add_argument("--realistic", action=argparse.BooleanOptionalAction, default=True,
+                        help="the committed CIFAR-10 model: plain loop vs engine vs cascade, and seed noise (default on when present)")
     parser.add_argument("--skip-ensemble", action="store_true", help="skip the ensemble comparison (ratio_vs_plain_realistic: null)")
     parser.add_argument("--only-scaleout", action="store_true", help="only the scale-out figures (the others: null); 1-thread runs "
                         "suffer less than 2-thread ones from other work on a shared machine")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the single-attack and ensemble comparisons "
                         "(default: torch's, one per core); 1 keeps them meaningful when other work loads the machine, where "
                         "2-thread runs slow down many times over (OpenMP threads waiting on a busy core)")
-    parser.add_argument("--rounds", type=int, default=3, help="scale-out: rounds of (2-thread process, 2 Dask workers), alternating; "
+    parser.add_argument("--rounds", type=int, default=3, help="scale-out: rounds of (2-thread process, 2 local workers), alternating; "
                         "the figures are medians (--quick: 1)")
     parser.add_argument("--memory", action="store_true", help="also run benchmarks/attack_memory.py (all 50,000 CIFAR-10 images)")
     args = parser.parse_args(argv)
@@ -187,10 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     workdir = Path(tempfile.mkdtemp(prefix="rcat-bench-"))
-    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))  # never the user's Prefect database
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry (offline machines)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # keep the figures readable
     import torch
 
     from rcat.config import AttackConfig
@@ -269,57 +315,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  engine (skip mistakes, only still-robust): {engine_ensemble:.2f} s; robust accuracy {ens_frame['robust'].mean():.3f}; "
               f"broken by: {ens_frame['broken_by'].replace('', 'none').value_counts().to_dict()}", flush=True)
 
-    # (c) scale-out: 2 Dask workers vs 1, same attack, fresh caches, one batch per chunk (balance). "1 worker" = one torch thread in
-    # process, as each Dask worker runs (results are bit-identical only at equal thread counts:
-    # oneDNN's convolutions reduce in a thread-count dependent order). The 2-thread process and the
-    # 2 workers alternate, `rounds` times: the machine drifts by several percent within minutes, and
-    # each round compares two runs made next to each other.
-    scaleout = scaleout_2threads = None
-    if not args.no_dask:
+    # (c) scale-out: 2 local worker processes (engine.workers: 2, one torch thread each) vs 1 worker, same attack, fresh caches,
+    # one batch per chunk (balance). "1 worker" = one torch thread in process, as each worker runs (results are bit-identical
+    # only at equal thread counts: oneDNN's convolutions reduce in a thread-count dependent order). The 2-thread process and
+    # the 2 workers alternate, `rounds` times: the machine drifts by several percent within minutes, and each round compares
+    # two runs made next to each other. The pool is kept across a round's runs (as a stage keeps it across its splits), so
+    # its start-up (each worker imports torch) is measured once, cold, and excluded from the warm figure.
+    scaleout = scaleout_2threads = cold_ratio = dask_ratio = None
+    if not args.no_workers:
         import statistics
 
-        from distributed import LocalCluster
-
-        from rcat.engine import dask_worker_environment, prefect_api_for_workers
+        from rcat.executors import LocalProcessExecutor
 
         rounds = 1 if args.quick else args.rounds
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         one, one_frame = timed_engine(network, split, single, workdir / "cache-1w", batch, seed)
         load_before = load()
-        pairs, identical, cold = [], True, None
+        pairs, identical = [], True
+        cold, cold_frame = timed_engine(network, split, single, workdir / "cache-2w-cold", batch, seed, workers=2)
+        identical = cold_frame.equals(one_frame)
         for r in range(rounds):
-            # the 2-thread process runs with nothing else started: no idle cluster or Prefect server
-            # taking CPU from it (idle, they take 1.7% of the 2 cores: measured over 20 s)
             torch.set_num_threads(2)
             one2, _ = timed_engine(network, split, single, workdir / f"cache-1p2t-{r}", batch, seed)
             torch.set_num_threads(1)
-            with own_prefect_api(), prefect_api_for_workers():  # one Prefect API for the driver and every worker, stopped after the round
-                if cold is None:
-                    cold, cold_frame = timed_engine(network, split, single, workdir / "cache-2w-cold", batch, seed, workers=2)
-                    identical = cold_frame.equals(one_frame)
-                begin = time.perf_counter()
-                with dask_worker_environment(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-                    startup = time.perf_counter() - begin
-                    warmup = (images[: 2 * batch], labels[: 2 * batch], sample_index[: 2 * batch])  # both workers import torch and rcat once
-                    timed_engine(network, warmup, single, workdir / f"cache-warmup-{r}", batch, seed, dask_address=cluster.scheduler_address)
-                    two, two_frame = timed_engine(network, split, single, workdir / f"cache-2w-{r}", batch, seed, dask_address=cluster.scheduler_address)
+            with LocalProcessExecutor(2) as pool:
+                warmup = (images[: 2 * batch], labels[: 2 * batch], sample_index[: 2 * batch])  # both workers import torch and rcat once
+                timed_engine(network, warmup, single, workdir / f"cache-warmup-{r}", batch, seed, executor=pool)
+                two, two_frame = timed_engine(network, split, single, workdir / f"cache-2w-{r}", batch, seed, executor=pool)
             pairs.append((one2, two))
             identical = identical and two_frame.equals(one_frame)
+        if args.dask:
+            from distributed import LocalCluster
+
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+                warmup = (images[: 2 * batch], labels[: 2 * batch], sample_index[: 2 * batch])
+                timed_engine(network, warmup, single, workdir / "cache-dask-warmup", batch, seed, dask_address=cluster.scheduler_address)
+                dask_two, dask_frame = timed_engine(network, split, single, workdir / "cache-dask", batch, seed, dask_address=cluster.scheduler_address)
+            dask_ratio = one / dask_two
+            identical = identical and dask_frame.equals(one_frame)
+            print(f"  2 Dask workers (an existing local cluster, dask_address): {dask_two:.2f} s -> {dask_ratio:.2f}x 1 thread", flush=True)
         torch.set_num_threads(threads)
         two = statistics.median(two for _, two in pairs)
-        scaleout, scaleout_2threads = one / two, statistics.median(one2 / two for one2, two in pairs)
+        scaleout, scaleout_2threads, cold_ratio = one / two, statistics.median(one2 / two for one2, two in pairs), one / cold
         print(f"scale-out, {n} samples, {len(range(0, n, batch))} chunks of {batch} ({load_before} before, {load()} after):", flush=True)
         print(f"  1 process, 1 torch thread:                        {one:.2f} s")
         for r, (one2, two_r) in enumerate(pairs):
-            print(f"  round {r + 1}: 1 process, 2 torch threads {one2:.2f} s; 2 Dask workers (running cluster, dask_address) {two_r:.2f} s "
+            print(f"  round {r + 1}: 1 process, 2 torch threads {one2:.2f} s; 2 local workers (warm pool) {two_r:.2f} s "
                   f"-> {one2 / two_r:.3f}x 2 threads")
-        print(f"  2 Dask workers, median of {rounds}:                  {two:.2f} s -> {scaleout:.2f}x 1 thread, {scaleout_2threads:.3f}x 2 threads "
-              f"(median of the rounds; cluster start-up {startup:.1f} s excluded)")
-        print(f"  2 Dask workers, cold (local cluster per run):     {cold:.2f} s -> {one / cold:.2f}x 1 thread (start-up included)")
+        print(f"  2 local workers, median of {rounds}:                 {two:.2f} s -> {scaleout:.2f}x 1 thread, {scaleout_2threads:.3f}x 2 threads")
+        print(f"  2 local workers, cold (pool started per run):     {cold:.2f} s -> {cold_ratio:.2f}x 1 thread (start-up included)")
         print(f"  results identical to the single-process 1-thread run: {identical}", flush=True)
         if not identical:
             raise SystemExit("the 2-worker result differs from the single-process one")
+
+    # (d) a realistic model: the committed CIFAR-10 pair's new model (ResNet-14, eps 4/255) on real images, the paper's
+    # APGD-DLR-50: a plain torchattacks loop as a user writes it (torchattacks' APGD attacks only the clean-correct
+    # samples by itself) vs the engine with the same attack vs the cascade preset; and the attack's own seed-to-seed noise
+    realistic: dict = {}
+    if args.realistic and REALISTIC_MODEL.is_file() and CIFAR_DIR.is_dir():
+        realistic = realistic_comparison(args.quick, workdir, seed)
 
     peak_50k = memory_run() if args.memory else None
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -331,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         "cached_rerun_fraction": None if first is None else round(rerun / first, 4),
         "peak_rss_mb": round(peak_rss_mb, 1),
         "scaleout_2w_vs_1proc_2threads": None if scaleout_2threads is None else round(scaleout_2threads, 3),
+        "scaleout_2w_cold_vs_1w": None if cold_ratio is None else round(cold_ratio, 3),
+        "scaleout_dask_2w_vs_1w": None if dask_ratio is None else round(dask_ratio, 3),
+        **realistic,
         "peak_rss_mb_50k": peak_50k,
         "load_avg_1m_start": round(load_start, 2),
         "load_avg_1m_end": round(os.getloadavg()[0], 2),

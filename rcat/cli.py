@@ -42,7 +42,7 @@ StdOption = Annotated[str | None, typer.Option(help="per-channel std (with --mea
 OptionalParamsOption = Annotated[Path | None, typer.Option("--params", help="params file; default ./params.yaml if present, else built-in defaults")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file (validated; unknown keys are rejected)")]
 EpsOption = Annotated[str | None, typer.Option(help="the attack's Linf eps in [0, 1] pixel units, e.g. 0.0157 or 4/255 (overrides params)")]
-AttackOption = Annotated[str | None, typer.Option(help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard (overrides params)")]
+AttackOption = Annotated[str | None, typer.Option(help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard | cascade (overrides params)")]
 DeviceOption = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps (overrides params)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the result as one JSON line (the attack it ran included)")]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -127,7 +127,7 @@ def _no_overrides_for_stages(eps: str | None, attack: str | None, device: str | 
                         "set attack.eps / attack.name / device there, or use --model/--old/--new with the flags")
 
 
-PRESETS = ("autoattack-standard",)
+PRESETS = ("autoattack-standard", "cascade")
 
 
 def run_stage(stage: str, argument: str | None = None, params_path: str = "params.yaml") -> Any:
@@ -193,7 +193,7 @@ def attack(
     std: StdOption = None,
     params: OptionalParamsOption = None,
     eps: EpsOption = None,
-    attack_name: Annotated[str | None, typer.Option("--attack", help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard (overrides params)")] = None,
+    attack_name: Annotated[str | None, typer.Option("--attack", help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard | cascade (overrides params)")] = None,
     device_name: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (overrides params)")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -248,7 +248,7 @@ def evaluate(
     std: StdOption = None,
     params: OptionalParamsOption = None,
     eps: EpsOption = None,
-    attack_name: Annotated[str | None, typer.Option("--attack", help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard (overrides params)")] = None,
+    attack_name: Annotated[str | None, typer.Option("--attack", help="apgd | apgdt | pgd | fgsm | fgsm_rs | fab | fab_t | square, or a preset: autoattack-standard | cascade (overrides params)")] = None,
     device_name: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (overrides params)")] = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -30,6 +30,10 @@ Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Epsilon = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
+CASCADE_FIRST_STEPS = 10
+"""Steps of the cascade preset's cheap first attack (APGD-CE)."""
+
+
 class AttackConfig(Section):
     """One white-box attack, run through the torchattacks adapter (:mod:`rcat.attacks`), or an ensemble.
 
@@ -45,6 +49,15 @@ class AttackConfig(Section):
     either, the single-attack fields (``name``, ``loss``, ``steps``, ...) are ignored and only
     ``eps`` (for the preset), ``norm`` and ``batch_size`` count. Clean mistakes are never
     attacked, and each next attack runs only on the samples still robust.
+
+    ``preset: cascade``: a cheap attack first (APGD-CE, :data:`CASCADE_FIRST_STEPS` steps, one
+    restart), then *this config's own single attack* (``name``, ``loss``, ``steps``, ...; e.g. the
+    paper's APGD-DLR-50) only on the samples the cheap one did not break. A sample counts as broken
+    when either breaks it (worst case; ``broken_by`` names which), so the cascade is never weaker
+    than its cheap member, and it is as strong as the full attack alone up to that attack's own
+    randomness (its random start and batch composition differ on the smaller set; measured in
+    ``benchmarks/attack_throughput.py``). It saves the full attack's cost on the samples a few
+    steps already break: the more non-robust samples, the larger the saving.
     """
 
     name: Literal["apgd", "apgdt", "pgd", "fgsm", "fgsm_rs", "fab", "fab_t", "square"] = "apgd"
@@ -56,7 +69,7 @@ class AttackConfig(Section):
     step_size: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 500
     ensemble: list[AttackConfig] | None = None
-    preset: Literal["autoattack-standard"] | None = None
+    preset: Literal["autoattack-standard", "cascade"] | None = None
 
     @model_validator(mode="after")
     def _ensemble_shape(self) -> AttackConfig:
@@ -76,13 +89,16 @@ class AttackConfig(Section):
     def members(self) -> list[AttackConfig]:
         """The single attacks to run, in order (``[self]`` for a single attack)."""
         if self.preset == "autoattack-standard":
-            common = {"norm": self.norm, "eps": self.eps, "batch_size": self.batch_size, "restarts": 1}
+            common: dict[str, Any] = {"norm": self.norm, "eps": self.eps, "batch_size": self.batch_size, "restarts": 1}
             return [
                 AttackConfig(name="apgd", loss="ce", steps=100, **common),
                 AttackConfig(name="apgdt", loss="dlr", steps=100, **common),
                 AttackConfig(name="fab_t", loss="ce", steps=100, **common),
                 AttackConfig(name="square", loss="ce", steps=5000, **common),
             ]
+        if self.preset == "cascade":
+            cheap = AttackConfig(name="apgd", loss="ce", steps=CASCADE_FIRST_STEPS, restarts=1, norm=self.norm, eps=self.eps, batch_size=self.batch_size)
+            return [cheap, self.model_copy(update={"preset": None, "ensemble": None})]
         if self.ensemble is not None:
             return list(self.ensemble)
         return [self]
@@ -100,6 +116,8 @@ class AttackConfig(Section):
 
     def label(self) -> str:
         """Short human-readable name, e.g. ``apgd-dlr:50it:1r:Linf:eps=0.1``."""
+        if self.preset == "cascade":
+            return "cascade[" + ",".join(member.label() for member in self.members()) + "]"
         if self.preset is not None:
             return f"{self.preset}:{self.norm}:eps={self.eps:g}"
         if self.ensemble is not None:

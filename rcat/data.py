@@ -125,7 +125,7 @@ def _resize_and_crop(image: Any, resize: int | None, center_crop: int | None) ->
     if resize is not None:
         width, height = image.size
         scale = resize / min(width, height)
-        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR)
     if center_crop is not None:
         width, height = image.size
         if center_crop > min(width, height):
@@ -205,6 +205,7 @@ def load_imagefolder(root: str | os.PathLike[str], resize: int | None = None, ce
             pixels = np.empty((len(files), shape[2], shape[0], shape[1]), dtype=np.uint8)
         elif array.shape != shape:
             raise InputError(f"{file}: size {array.shape[1]}x{array.shape[0]} differs from {shape[1]}x{shape[0]} of the first image; set data.resize and data.center_crop")
+        assert pixels is not None  # allocated together with shape on the first image
         pixels[position] = array.transpose(2, 0, 1)
     images = torch.from_numpy(pixels).float()
     del pixels
@@ -304,7 +305,7 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     return Dataset(tensor.contiguous(), label_tensor, classes, where)
 
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_RECORD = 1 + 3 * 32 * 32
 
 

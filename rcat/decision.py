@@ -238,6 +238,7 @@ def decide(
         checks = check_rules(metrics, config, expected_samples.get(selection), name)
         record["candidates"][name] = {"selection_checks": checks, "admissible": all(c["passed"] for c in checks)}
         if record["candidates"][name]["admissible"]:
+            assert metrics is not None  # check_rules fails "evaluation_present" when metrics is None
             rank = _value(metrics, _rank_key(config.rank_by))
             sort_rank = rank if config.rank_by in LOWER_IS_BETTER else -rank
             admissible.append((name, sort_rank, -_value(metrics, "robust_accuracy_new")))

@@ -49,7 +49,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, cast
 
 import numpy as np
 import pandas as pd
@@ -211,7 +211,8 @@ def compute_chunk(network: nn.Module, images: torch.Tensor, labels: torch.Tensor
     began = time.perf_counter()
     result = attack_outcomes(network, images, labels, sample_index, config, num_classes=num_classes, seed=seed, provenance=provenance,
                              device=device, return_adversarial=save_adversarial, position_offset=offset)
-    frame, adversarial = result if save_adversarial else (result, None)
+    # attack_outcomes returns (frame, adversarial) exactly when return_adversarial=save_adversarial is true
+    frame, adversarial = cast("tuple[pd.DataFrame, torch.Tensor | None]", result if save_adversarial else (result, None))
     frame = frame[_columns(config)]
     metadata = {"engine_key": key, "chunk": str(index), "offset": str(offset), "content_sha256": frame_digest(frame.reset_index(drop=True))}
     if adversarial is not None:
@@ -379,7 +380,7 @@ def run_attack(
     try:
         if todo:
             directory.mkdir(parents=True, exist_ok=True)
-            common = {"num_classes": num_classes, "seed": seed, "device": device, "directory": directory, "key": key, "save_adversarial": save_adversarial}
+            common: dict[str, Any] = {"num_classes": num_classes, "seed": seed, "device": device, "directory": directory, "key": key, "save_adversarial": save_adversarial}
 
             def done(i: int, record: dict[str, Any]) -> None:
                 records[i] = record
@@ -388,7 +389,9 @@ def run_attack(
             if not isinstance(chosen, SerialExecutor):
                 run_chunks(chosen, network, images, labels, sample_index, config, [(i, starts[i]) for i in todo], chunk_size, common, on_done=done)
                 for i in todo:  # written by the workers: the driver assembles what they wrote
-                    frame, reason = _load_shard(directory / shard_name(i), key, index_all[starts[i] : starts[i] + chunk_size], records[i]["sha256"], columns)
+                    written = records[i]
+                    assert written is not None  # run_chunks returned, so on_done recorded every job
+                    frame, reason = _load_shard(directory / shard_name(i), key, index_all[starts[i] : starts[i] + chunk_size], written["sha256"], columns)
                     if frame is None:
                         raise RuntimeError(f"attack cache {directory / shard_name(i)}: the shard just written does not read back ({reason})")
                     frames[i] = frame
@@ -407,7 +410,7 @@ def run_attack(
                          robust_accuracy=float(result["robust"].mean()) if n_samples else 0.0,
                          clean_accuracy=float(result["clean_correct"].mean()) if n_samples else 0.0, chunks=len(starts),
                          chunks_computed=len(todo), chunks_reused=len(starts) - len(todo),
-                         samples_computed=sum(int(records[i]["rows"]) for i in todo), workers=chosen.workers)
+                         samples_computed=sum(int(cast("dict[str, Any]", records[i])["rows"]) for i in todo), workers=chosen.workers)
     if todo or manifest is None:
         write_json(directory / MANIFEST_NAME, {
             "key": key, "n_samples": n_samples, "chunk_size": chunk_size, "chunks": records, "columns": columns,

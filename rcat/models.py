@@ -30,6 +30,9 @@ MODEL_FORMAT = "rcat-model/1"
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, as the first layer, so the model's input stays in [0, 1]."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

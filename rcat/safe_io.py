@@ -218,7 +218,7 @@ def sha256_tensors(*tensors: torch.Tensor) -> str:
             buffer = flat.numpy()
         except TypeError:  # dtypes numpy lacks (bfloat16, ...): hash the raw bytes
             buffer = flat.view(torch.uint8).numpy()
-        digest.update(memoryview(buffer).cast("B"))
+        digest.update(memoryview(buffer).cast("B"))  # type: ignore[arg-type]  # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
     return digest.hexdigest()
 
 
@@ -236,7 +236,7 @@ def frame_digest(frame: pd.DataFrame) -> str:
         if values.dtype == object:
             digest.update("\x1f".join(map(str, values.tolist())).encode())
         else:
-            digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
+            digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))  # type: ignore[arg-type]  # numpy's stubs: __buffer__ only for Python >= 3.12
     return digest.hexdigest()
 
 

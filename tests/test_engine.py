@@ -306,6 +306,26 @@ def test_autoattack_standard_preset_has_the_original_settings_and_the_seed(train
         build_attack(network, preset, 10)
 
 
+def test_cascade_preset_is_a_cheap_apgd_then_the_configured_attack_and_never_weaker(trained_mlp, tiny_split):
+    network, _ = trained_mlp
+    full = AttackConfig(name="apgd", loss="dlr", eps=EPS, steps=20, batch_size=16)
+    cascade = full.model_copy(update={"preset": "cascade"})
+    cheap, second = cascade.members()
+    assert (cheap.name, cheap.loss, cheap.steps, cheap.eps) == ("apgd", "ce", 10, EPS)
+    assert second.identity() == full.identity() and not second.is_ensemble
+    assert cascade.label() == f"cascade[{cheap.label()},{full.label()}]"
+    frame = whole(network, tiny_split, cascade)
+    cheap_alone = whole(network, tiny_split, cheap)
+    full_alone = whole(network, tiny_split, full)
+    # worst case over both: nothing the cheap attack breaks survives, and robust accuracy is at most the cheap attack's
+    assert not (frame["robust"] & ~cheap_alone["robust"]).any()
+    assert set(frame["broken_by"]) <= {"", cheap.label(), full.label()}
+    # as strong as the full attack alone up to its randomness on a different subset: at most a few samples differ
+    extra = int((frame["robust"] & ~full_alone["robust"]).sum())
+    assert extra <= max(2, int(0.02 * len(frame))), extra
+    assert frame["robust"].sum() <= full_alone["robust"].sum() + extra
+
+
 def test_ensemble_params_validate_and_single_attack_params_stay_valid():
     from rcat.config import load_params
 
