@@ -9,7 +9,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 
-.PHONY: setup run test test-fast fuzz lint clean
+.PHONY: setup run test test-fast fuzz lint typecheck clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check rcat stages pipelines benchmarks tests
+
+typecheck: setup
+	$(BIN)/mypy rcat
 
 # the inner loop: everything but the end-to-end runs marked slow
 test-fast: setup

@@ -138,7 +138,7 @@ def register_update_check(tracker: Any, params: Params, layout: Any, record: dic
     parent = tracker.parent()
     refusal = registry_refusal(record, params)
     if refusal is not None:
-        summary = {"registered_model": params.tracking.registered_model, "refused": refusal, "champion_moved": False}
+        summary: dict[str, Any] = {"registered_model": params.tracking.registered_model, "refused": refusal, "champion_moved": False}
         if params.tracking.enabled:
             parent.tags({"rcat.registry": f"skipped: {refusal}"})
             tracker.client().log_dict(parent.run_id, summary, "registry.json")

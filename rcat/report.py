@@ -37,7 +37,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -319,6 +319,7 @@ def tradeoff_plot(rows: pd.DataFrame, max_rnfr: float | None, old_robust_accurac
 def per_class_plot(counts: pd.DataFrame) -> str:
     """Grouped bars: NF and RNF counts per class, one bar per candidate (base64 PNG)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     candidates = list(dict.fromkeys(counts["candidate"]))
     classes = list(dict.fromkeys(counts["class"]))
@@ -333,7 +334,8 @@ def per_class_plot(counts: pd.DataFrame) -> str:
         axes.set_xticks(positions, classes)
         axes.set_ylabel("samples")
         axes.set_title(title, fontsize=10)
-        axes.yaxis.get_major_locator().set_params(integer=True)
+        # a new axes' default major locator is an AutoLocator, a MaxNLocator
+        cast(MaxNLocator, axes.yaxis.get_major_locator()).set_params(integer=True)
     figure.axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.axes[1].set_xlabel("true class")
     figure.tight_layout()

@@ -19,6 +19,24 @@ def _leaves(tree, prefix=""):
     return [leaf for key, value in tree.items() for leaf in _leaves(value, f"{prefix}.{key}" if prefix else key)]
 
 
+def dvc_watching_processes(work, *args) -> tuple[str, set[str]]:
+    """``dvc *args`` in ``work``; its output and the command lines of every process it spawned (polled every 0.2 s)."""
+    import psutil
+
+    process = subprocess.Popen(["dvc", *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: set[str] = set()
+    root = psutil.Process(process.pid)
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for child in root.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    seen.add(" ".join(child.cmdline()))
+        time.sleep(0.2)
+    output = process.stdout.read() if process.stdout else ""
+    assert process.returncode == 0, output[-3000:]
+    return output, seen
+
+
 def dvc(work, *args):
     result = subprocess.run(["dvc", *args], cwd=work, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -29,8 +47,15 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     """repro runs every stage; a second repro runs none; metrics, decision and MLflow runs exist;
     a change to one method's params reruns only that method's stages and the decision."""
     work = pipeline_workspace
-    first = dvc(work, "repro")
     params = yaml.safe_load((work / "params.yaml").read_text())
+    params["engine"]["workers"] = 2  # every attack runs its chunks in two local processes
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first, spawned = dvc_watching_processes(work, "repro")
+    # the workers ran, and no DVC stage started a Prefect API server (or anything of Prefect's)
+    assert any("multiprocessing" in command and "spawn" in command for command in spawned), sorted(spawned)
+    assert not [command for command in spawned if "prefect" in command or "uvicorn" in command], sorted(spawned)
+    manifests = list((work / params["engine"]["cache_dir"]).glob("*/manifest.json"))
+    assert manifests and all({c["torch_threads"] for c in json.loads(m.read_text())["chunks"]} == {1} for m in manifests)
     methods = list(params["finetune"]["methods"])
     for stage in ["prepare", "train_old", "train_new", "attack_cache", "decide", *(f"finetune@{m}" for m in methods), *(f"evaluate@{m}" for m in methods)]:
         assert f"Running stage '{stage}'" in first
@@ -99,32 +124,3 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     third = dvc(work, "repro")
     ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
     assert ran == {"finetune@rcat", "evaluate@rcat", "decide", "report"}
-
-
-@pytest.mark.slow
-def test_dvc_repro_of_the_attack_cache_with_two_workers_starts_no_prefect_server(pipeline_workspace):
-    """engine.workers: 2 runs the chunks in two local processes; nothing in a DVC stage starts a Prefect API server."""
-    import psutil
-
-    work = pipeline_workspace
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["engine"]["workers"] = 2
-    params["engine"]["chunk_size"] = 128
-    params["attack"]["batch_size"] = 64
-    params["tracking"]["enabled"] = False
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    process = subprocess.Popen(["dvc", "repro", "attack_cache"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: set[str] = set()
-    root = psutil.Process(process.pid)
-    while process.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            for child in root.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    seen.add(" ".join(child.cmdline()))
-        time.sleep(0.2)
-    output = process.stdout.read() if process.stdout else ""
-    assert process.returncode == 0, output
-    assert any("multiprocessing" in command and "spawn" in command for command in seen), sorted(seen)  # the two workers ran
-    assert not [command for command in seen if "prefect" in command or "uvicorn" in command], sorted(seen)
-    manifests = list((work / params["engine"]["cache_dir"]).glob("*/manifest.json"))
-    assert manifests and all({c["torch_threads"] for c in json.loads(m.read_text())["chunks"]} == {1} for m in manifests)

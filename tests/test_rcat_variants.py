@@ -147,6 +147,23 @@ def test_grid_method_keeps_the_point_with_the_lowest_validation_snfr(tmp_path, m
     assert pipeline.finetune_method(single, "single", layout) == digest
     assert load_model(layout.finetuned("family")).metadata["alpha"] == str(grid[kept]["alpha"])
 
+    # the grid on two worker processes (one torch thread each) selects the same point with the same weights as a
+    # serial run with one torch thread (the thread count changes oneDNN's reduction order, not the method)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial_digest = pipeline.finetune_method(params, "family", layout)
+        serial_history = json.loads(layout.finetune_history("family").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    raw["finetune"]["methods"] = {"family": {"loss": "rcat", "grid": grid}}
+    raw["engine"]["workers"] = 2
+    parallel = parse_params(raw)
+    assert pipeline.finetune_method(parallel, "family", layout) == serial_digest
+    assert json.loads(layout.finetune_history("family").read_text())["grid"] == serial_history["grid"]
+
 
 def test_training_attack_eps_warms_up_linearly(tiny_split, monkeypatch):
     """attack_warmup_epochs N: epoch e <= N attacks at eps * e / N (step size scaled when set), then full eps;

@@ -196,7 +196,7 @@ def _tradeoff_figure(evaluations: dict[str, dict[str, dict[str, Any] | None]]) -
 def _write_tradeoff(evaluations: dict[str, dict[str, dict[str, Any] | None]], path: Path) -> None:
     """One row per (candidate, split) with the figures a user trades off; the old model as reference."""
     columns = ["candidate", "split", "accuracy", "robust_accuracy", "nfr", "rnfr", "snfr"]
-    rows = []
+    rows: list[list[Any]] = []
     for candidate, by_split in evaluations.items():
         for split, metrics in by_split.items():
             if metrics is None:
