@@ -315,7 +315,7 @@ TORCHSCRIPT_PREFIX = "torchscript:"
 MLFLOW_PREFIXES = ("models:/", "runs:/")
 
 
-def _load_mlflow(reference: str, device: torch.device | str, trusted_factories: Collection[str]) -> LoadedModel:
+def _load_mlflow(reference: str, device: torch.device | str, trusted_factories: Collection[str], tracking_uri: str | None = None) -> LoadedModel:
     """Download an MLflow model or run artifact and load the rcat model file in it.
 
     MLflow's own model flavours unpickle by default (``pickle``) or need torch.export (``pt2``);
@@ -329,10 +329,10 @@ def _load_mlflow(reference: str, device: torch.device | str, trusted_factories: 
 
     with tempfile.TemporaryDirectory(prefix="rcat-mlflow-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=tmp))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=tmp, tracking_uri=tracking_uri))
         except Exception as exc:  # MlflowException (not found), connection errors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise InputError(f"{reference}: cannot fetch it from MLflow at {mlflow.get_tracking_uri()} ({first})") from exc
+            raise InputError(f"{reference}: cannot fetch it from MLflow at {tracking_uri or mlflow.get_tracking_uri()} ({first})") from exc
         files = [local] if local.is_file() else sorted(local.rglob("*.safetensors"))
         models = []
         for file in files:
@@ -471,6 +471,7 @@ def load_model_reference(
     input_shape: tuple[int, ...] | None = None,
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     trusted_factories: Collection[str] = (),
+    tracking_uri: str | None = None,
 ) -> LoadedModel:
     """Load a model from any supported reference, in eval mode on ``device``.
 
@@ -491,8 +492,8 @@ def load_model_reference(
     when its factory is passed in ``trusted_factories``; a TorchScript model cannot be rebuilt from a
     model file (evaluate it from its archive instead).
     """
-    if reference.startswith(MLFLOW_PREFIXES):
-        return _load_mlflow(reference, device, trusted_factories)
+    if reference.startswith(MLFLOW_PREFIXES):  # from ``tracking_uri`` (default: MLflow's own resolution, MLFLOW_TRACKING_URI)
+        return _load_mlflow(reference, device, trusted_factories, tracking_uri)
     if not reference.startswith((FACTORY_PREFIX, TORCHSCRIPT_PREFIX)):
         loaded = load_model(reference, device, trusted_factories)
         if normalization is not None:

@@ -63,9 +63,26 @@ HTTP_DEFAULTS = {
 """MLflow HTTP client settings applied with ``os.environ.setdefault``: the environment wins."""
 
 
+def project_root(start: Path | None = None) -> Path:
+    """The project a process works for: the working directory, or, inside a DVC experiment's temporary
+    workspace (``dvc exp run --temp`` / ``--queue`` run in ``<project>/.dvc/tmp/exps/...``), the project
+    that workspace belongs to, so that its runs land in the project's own store."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    for index in range(len(parts) - 2):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:index])
+    return here
+
+
 def tracking_uri(config: TrackingConfig) -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else the params' URI (default ``sqlite:///mlflow.db``)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+    """``MLFLOW_TRACKING_URI`` when set, else the params' URI (default ``sqlite:///mlflow.db``); a relative
+    SQLite path is made absolute under :func:`project_root` (temporary and queued DVC experiments included)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///":
+        relative, query = (uri[len("sqlite:///"):].split("?", 1) + [""])[:2]
+        return f"sqlite:///{(project_root() / relative).as_posix()}" + (f"?{query}" if query else "")
+    return uri
 
 
 def check_sqlite_store(uri: str) -> None:

@@ -343,3 +343,19 @@ def test_nothing_is_written_when_params_are_bad(project):
     edit_params(train_old__lr=float("inf"))
     assert runner.invoke(app, ["decide"]).exit_code == EXIT_BAD_INPUT
     assert open("data/decide/decision.json").read() == before
+
+
+def test_a_relative_store_resolves_to_the_project_root_even_in_a_dvc_temp_workspace(tmp_path, monkeypatch):
+    """`dvc exp run --temp` / `--queue` run stages in <project>/.dvc/tmp/exps/...: their runs belong in the project's store."""
+    from rcat.config import TrackingConfig
+    from rcat.tracking import project_root, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmp4f2a"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    assert project_root() == (tmp_path / "project").resolve()
+    assert tracking_uri(TrackingConfig()) == f"sqlite:///{(tmp_path / 'project' / 'mlflow.db').resolve().as_posix()}"
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(TrackingConfig(uri="sqlite:///stores/m.db?timeout=5")) == f"sqlite:///{(tmp_path / 'stores' / 'm.db').resolve().as_posix()}?timeout=5"
+    assert tracking_uri(TrackingConfig(uri="http://127.0.0.1:5000")) == "http://127.0.0.1:5000"

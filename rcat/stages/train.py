@@ -13,7 +13,7 @@ from rcat.results import Layout
 from rcat.runtime import seed_everything
 from rcat.safe_io import sha256_file, write_json
 from rcat.stages.common import epoch_logger, stage_device, stage_split
-from rcat.tracking import Tracker
+from rcat.tracking import Tracker, tracking_uri
 
 
 def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = None) -> str:
@@ -60,7 +60,8 @@ def import_model(params: Params, role: str, layout: Layout, tracker: Tracker | N
     normalization = None if config.normalization is None else (tuple(config.normalization.mean), tuple(config.normalization.std))
     try:
         model = load_model_reference(reference, "cpu", num_classes=split.num_classes, input_shape=tuple(split.images.shape[1:]),
-                                     normalization=normalization, trusted_factories=params.trusted_factories())
+                                     normalization=normalization, trusted_factories=params.trusted_factories(),
+                                     tracking_uri=tracking_uri(params.tracking))  # models:/ from the project's own store
     except InputError as exc:
         raise InputError(f"params.yaml: train_{role}.reference: {exc}") from exc
     check_model_on(model, split.images, split.num_classes, "the fine-tune split")
