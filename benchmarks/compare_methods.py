@@ -182,7 +182,7 @@ def run_seed(raw: dict, compare: dict, name: str, seed: int) -> list[dict[str, A
 
 
 def interval(successes: float, n: int) -> list[float]:
-    low, high = wilson_interval(int(round(successes)), n)
+    low, high = wilson_interval(round(successes), n)
     return [round(low, 4), round(high, 4)]
 
 

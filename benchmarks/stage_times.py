@@ -2,8 +2,13 @@
 
 Copies the project (code, dvc.yaml, params.yaml) into a temporary git + DVC repository, then
 runs every stage once with ``dvc repro --single-item <stage>`` in pipeline order, timing each,
-and finally a whole ``dvc repro`` (expected: nothing to do). Prints a markdown table and, last,
-one JSON line with the figures.
+and finally a whole ``dvc repro`` (expected: nothing to do). Then, in the same run: each stage's
+script alone (its ``cmd`` without DVC, outputs already there: the stage's own cost), each stage
+module's import (``python -c "import rcat.stages.<module>"``) and ``python -c "import torch"``
+(median of 3 each), so the fixed cost of a stage reads against the cost of importing torch:
+``stage_vs_import_torch`` per stage (the script alone over importing torch) and its median,
+``median_stage_vs_import_torch``; ``dvc_overhead_s`` per stage is the DVC run minus the script
+alone. Prints markdown tables and, last, one JSON line with the figures.
 
     python benchmarks/stage_times.py            # the repo's params.yaml (the default pipeline)
     python benchmarks/stage_times.py --params other.yaml
@@ -16,6 +21,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +32,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+REPEATS = 3
 
 
 def main() -> None:
@@ -55,6 +62,27 @@ def main() -> None:
         noop = time.perf_counter() - start
         decision = json.loads((work / "data/decide/decision.json").read_text())
         rows = list(csv.DictReader((work / "data/decide/tradeoff.csv").open()))
+        stages_yaml = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
+
+        def command(stage: str) -> list[str]:
+            name, _, key = stage.partition("@")
+            body = stages_yaml[name].get("do", stages_yaml[name])
+            return body["cmd"].replace("${key}", key).split()
+
+        def timed(argv: list[str]) -> float:
+            runs = []
+            for _ in range(REPEATS):
+                begin = time.perf_counter()
+                subprocess.run(argv, cwd=work, check=True, env=env, capture_output=True)
+                runs.append(time.perf_counter() - begin)
+            return statistics.median(runs)
+
+        import_torch = timed([sys.executable, "-c", "import torch"])
+        alone = {stage: timed([sys.executable if word == "python" else word for word in command(stage)]) for stage in order}
+        module_of = {"prepare": "rcat.stages.prepare", "train_old": "rcat.stages.train", "train_new": "rcat.stages.train",
+                     "attack_cache": "rcat.stages.attack_cache", "decide": "rcat.stages.decide"}
+        imports = {stage: timed([sys.executable, "-c", f"import {module_of.get(stage.split('@')[0], 'rcat.stages.' + stage.split('@')[0])}"])
+                   for stage in order}
     total = sum(times.values())
     print(f"CPU threads: {torch.get_num_threads()}, torch {torch.__version__}")
     print("| stage | wall time (s) |\n|---|---|")
@@ -66,8 +94,19 @@ def main() -> None:
     print("| candidate | split | accuracy | robust accuracy | NFR | RNFR | S-NFR |\n|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join([row["candidate"], row["split"], *(f"{float(row[k]):.4f}" for k in ("accuracy", "robust_accuracy", "nfr", "rnfr", "snfr"))]) + " |")
+    print(f"\nfixed costs (median of {REPEATS}): python -c 'import torch' {import_torch:.2f} s")
+    print("| stage | script alone (s) | x import torch | module import (s) | DVC's share (s) |\n|---|---|---|---|---|")
+    for stage in order:
+        print(f"| {stage} | {alone[stage]:.2f} | {alone[stage] / import_torch:.2f} | {imports[stage]:.2f} | {times[stage] - alone[stage]:.2f} |")
+    ratios = {stage: alone[stage] / import_torch for stage in order}
     print(json.dumps({"stages_s": {k: round(v, 2) for k, v in times.items()}, "total_s": round(total, 1), "noop_repro_s": round(noop, 1),
-                      "noop_up_to_date": "up to date" in again, "verdict": decision["verdict"], "candidate": decision["candidate"]}))
+                      "noop_up_to_date": "up to date" in again, "verdict": decision["verdict"], "candidate": decision["candidate"],
+                      "import_torch_s": round(import_torch, 3), "script_alone_s": {k: round(v, 2) for k, v in alone.items()},
+                      "stage_import_s": {k: round(v, 3) for k, v in imports.items()},
+                      "stage_vs_import_torch": {k: round(v, 3) for k, v in ratios.items()},
+                      "median_stage_vs_import_torch": round(statistics.median(ratios.values()), 3),
+                      "dvc_overhead_s": {k: round(times[k] - alone[k], 2) for k in order},
+                      "sum_script_alone_s": round(sum(alone.values()), 1)}))
 
 
 if __name__ == "__main__":
