@@ -294,26 +294,14 @@ def _png(figure: Any) -> str:
 
 
 def tradeoff_plot(rows: pd.DataFrame, max_rnfr: float | None, old_robust_accuracy: float | None, chosen: str | None) -> str:
-    """Robust accuracy against RNFR per candidate with bootstrap error bars (base64 PNG)."""
-    from matplotlib.figure import Figure
+    """RNFR against clean and against robust accuracy per candidate, bootstrap error bars, the Pareto frontier (base64 PNG)."""
+    from rcat.plots import FrontierPoint, frontier_figure
 
-    figure = Figure(figsize=(6.4, 4.4))
-    axes = figure.add_subplot()
-    for row in rows.itertuples():
-        xerr = [[row.rnfr - row.rnfr_low], [row.rnfr_high - row.rnfr]]
-        yerr = [[row.robust_accuracy - row.robust_accuracy_low], [row.robust_accuracy_high - row.robust_accuracy]]
-        marker = "*" if row.candidate == chosen else "o"
-        axes.errorbar(row.rnfr, row.robust_accuracy, xerr=xerr, yerr=yerr, fmt=marker, markersize=12 if marker == "*" else 6, capsize=3,
-                      label=row.candidate + (" (promoted)" if row.candidate == chosen else ""))
-    if max_rnfr is not None:
-        axes.axvline(max_rnfr, color="grey", linestyle="--", linewidth=1, label=f"max_rnfr = {max_rnfr:g}")
-    if old_robust_accuracy is not None:
-        axes.axhline(old_robust_accuracy, color="black", linestyle=":", linewidth=1, label="old model's robust accuracy")
-    axes.set_xlabel("RNFR (robustness negative flip rate)")
-    axes.set_ylabel("robust accuracy")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return _png(figure)
+    points = [FrontierPoint(row.candidate, row.accuracy, row.robust_accuracy, row.rnfr, accuracy_interval=(row.accuracy_low, row.accuracy_high),
+                            robust_accuracy_interval=(row.robust_accuracy_low, row.robust_accuracy_high), rnfr_interval=(row.rnfr_low, row.rnfr_high))
+              for row in rows.itertuples()]
+    reference = "" if old_robust_accuracy is None else f"; the old model's robust accuracy is {100 * old_robust_accuracy:.1f}%"
+    return _png(frontier_figure(points, f"candidates: the trade-off (95% bootstrap intervals){reference}", chosen, max_rnfr))
 
 
 def per_class_plot(counts: pd.DataFrame) -> str:
@@ -560,8 +548,8 @@ def build_report(params: Params, layout: Layout, tracker: Tracker | None = None,
                     "S-NFR: share of samples with either.</p>")
     if not tradeoff.empty:
         plot = tradeoff_plot(tradeoff, rules.get("max_rnfr"), reference["robust_accuracy_old"].value if reference else None, chosen)
-        sections.append(f"<h2>Robust accuracy against RNFR ({_e(confirmation)} split)</h2>"
-                        f'<img alt="robust accuracy against RNFR" src="data:image/png;base64,{plot}">')
+        sections.append(f"<h2>RNFR against clean and robust accuracy, the Pareto frontier ({_e(confirmation)} split)</h2>"
+                        f'<img alt="RNFR against clean and robust accuracy" src="data:image/png;base64,{plot}">')
     if not per_class.empty:
         sections.append(f"<h2>Flips per class ({_e(confirmation)} split)</h2>" + _per_class_section(per_class, confirmation)
                         + f'<img alt="flips per class" src="data:image/png;base64,{per_class_plot(per_class)}">')

@@ -145,7 +145,7 @@ def test_tradeoff_data_carries_intervals_that_contain_the_rates(report_run):
         assert row["robust_accuracy"] == pytest.approx(flips["new_robust"].mean())
         for metric in ("rnfr", "robust_accuracy", "accuracy", "nfr", "snfr"):
             assert row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"]
-    assert '<img alt="robust accuracy against RNFR" src="data:image/png;base64,' in report_run["page"]
+    assert '<img alt="RNFR against clean and robust accuracy" src="data:image/png;base64,' in report_run["page"]
 
 
 @pytest.mark.slow
@@ -302,3 +302,13 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     with Image.open(shot) as image:
         top = image.convert("RGB").crop((0, 0, 1200, 400))
         assert top.getcolors(maxcolors=1 << 20) and any(colour == verdict_colour for _, colour in top.getcolors(maxcolors=1 << 20))
+
+
+def test_pareto_mask_by_hand():
+    from rcat.plots import pareto_mask
+
+    # (accuracy, rnfr): b dominates a; c is best on RNFR; d ties b exactly; e is NaN
+    accuracy = [0.60, 0.70, 0.50, 0.70, float("nan")]
+    rnfr = [0.05, 0.03, 0.01, 0.03, 0.0]
+    assert pareto_mask(accuracy, rnfr) == [False, True, True, True, False]
+    assert pareto_mask([], []) == []

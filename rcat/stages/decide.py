@@ -157,6 +157,7 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
         parent.artifact(layout.tradeoff)
         if tracker.enabled:
             parent.figure(_tradeoff_figure(evaluations), "plots/tradeoff.png")
+            parent.figure(_frontier_figure(evaluations, record), "plots/frontier.png")
             new_flips = layout.evaluation("new") / "flips.parquet"
             if new_flips.is_file():  # the fine-tuned candidates' tables are logged by their evaluate stage
                 with tracker.child("candidate:new", "candidate") as run:
@@ -167,6 +168,29 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
             register_update_check(tracker, params, layout, record)
         tracker.finish_parent()
     return record
+
+
+def _frontier_figure(evaluations: dict[str, dict[str, dict[str, Any] | None]], record: dict[str, Any]) -> Any:
+    """The candidates on the confirmation split: RNFR against clean and robust accuracy, Wilson intervals, Pareto frontier."""
+    from rcat.decision import wilson_interval
+    from rcat.plots import FrontierPoint, frontier_figure
+
+    split = record.get("confirmation_split", "test")
+    points = []
+    for candidate, by_split in evaluations.items():
+        metrics = by_split.get(split)
+        if not metrics or any(metrics.get(key) is None for key in ("accuracy_new", "robust_accuracy_new", "rnfr")):
+            continue
+        n = int(metrics["n_samples"])
+
+        def wilson(rate: float, n: int = n) -> tuple[float, float]:
+            return wilson_interval(round(rate * n), n)
+
+        points.append(FrontierPoint(candidate, metrics["accuracy_new"], metrics["robust_accuracy_new"], metrics["rnfr"],
+                                    accuracy_interval=wilson(metrics["accuracy_new"]), robust_accuracy_interval=wilson(metrics["robust_accuracy_new"]),
+                                    rnfr_interval=wilson(metrics["rnfr"])))
+    return frontier_figure(points, f"candidates on the {split} split (95% Wilson intervals)", record.get("candidate"),
+                           (record.get("rules") or {}).get("max_rnfr"))
 
 
 def _tradeoff_figure(evaluations: dict[str, dict[str, dict[str, Any] | None]]) -> Any:
