@@ -55,6 +55,7 @@ from rcat.config import parse_params, read_yaml
 from rcat.data import load_split
 from rcat.decision import best_grid_point, wilson_interval
 from rcat.metrics import compare_outcomes
+from rcat.plots import FrontierPoint, frontier_figure, pareto_mask
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json, write_parquet
 from rcat.statistics import mcnemar_exact
 
@@ -219,39 +220,18 @@ def matched(records: list[dict], compare: dict, at_point: dict) -> dict[str, str
 
 
 def pareto(points: pd.DataFrame, accuracy: str) -> pd.Series:
-    """True for the points no other point beats on both ``accuracy`` (higher) and RNFR (lower)."""
-    keep = []
-    for _, row in points.iterrows():
-        dominated = ((points[accuracy] >= row[accuracy]) & (points["rnfr"] <= row["rnfr"])
-                     & ((points[accuracy] > row[accuracy]) | (points["rnfr"] < row["rnfr"]))).any()
-        keep.append(not dominated)
-    return pd.Series(keep, index=points.index)
+    """True for the points no other point beats on both ``accuracy`` (higher) and RNFR (lower) (:func:`rcat.plots.pareto_mask`)."""
+    return pd.Series(pareto_mask(points[accuracy].tolist(), points["rnfr"].tolist()), index=points.index)
 
 
 def frontier_plot(points: pd.DataFrame, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for axis, accuracy, label in ((axes[0], "accuracy", "clean accuracy"), (axes[1], "robust_accuracy", "robust accuracy")):
-        for family, part in points.groupby("family", sort=False):
-            xerr = np.abs(np.vstack([part[accuracy] - part[f"{accuracy}_low"], part[f"{accuracy}_high"] - part[accuracy]])) * 100
-            yerr = np.abs(np.vstack([part["rnfr"] - part["rnfr_low"], part["rnfr_high"] - part["rnfr"]])) * 100
-            marker = "s" if family in {"old", "new"} else ("x" if family.startswith("control") else "o")
-            axis.errorbar(100 * part[accuracy], 100 * part["rnfr"], xerr=xerr, yerr=yerr, fmt=marker, capsize=2, label=family, alpha=0.85)
-        front = points[pareto(points, accuracy)].sort_values(accuracy)
-        axis.plot(100 * front[accuracy], 100 * front["rnfr"], "k--", linewidth=0.8, label="Pareto frontier")
-        axis.set_xlabel(f"{label} on test (%)")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("RNFR on test (%)")
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.suptitle("CIFAR-10 pair: every fine-tuning point (95% Wilson intervals), mean over seeds")
-    figure.tight_layout()
+    figure = frontier_figure([FrontierPoint(row.point, row.accuracy, row.robust_accuracy, row.rnfr, group=row.family,
+                                            accuracy_interval=(row.accuracy_low, row.accuracy_high),
+                                            robust_accuracy_interval=(row.robust_accuracy_low, row.robust_accuracy_high),
+                                            rnfr_interval=(row.rnfr_low, row.rnfr_high)) for row in points.itertuples()],
+                             "CIFAR-10 pair: every fine-tuning point on test (95% Wilson intervals), mean over seeds")
     with atomic_path(png) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
 
 
 def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:

@@ -49,6 +49,8 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     work = pipeline_workspace
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["engine"]["workers"] = 2  # every attack runs its chunks in two local processes
+    # three methods show every kind of stage (each method costs two stage processes; tests/test_losses.py covers the rest)
+    params["finetune"]["methods"] = {name: params["finetune"]["methods"][name] for name in ("at", "pct", "rcat")}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first, spawned = dvc_watching_processes(work, "repro")
     # the workers ran, and no DVC stage started a Prefect API server (or anything of Prefect's)
@@ -110,12 +112,19 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
         assert engine[f"engine/{role}/test/samples"] == 360
         assert engine[f"engine/{role}/test/samples_per_s"] > 0
         assert engine[f"engine/{role}/test/robust_accuracy"] == pytest.approx(engine[f"test/{role}/robust_accuracy"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert parent.info.run_name.startswith("check ") and parent.info.run_name.endswith(f"{decision['verdict']} {check['candidate']}")
+    assert parent.data.metrics["check/rnfr"] == pytest.approx(check["rnfr"])
+    keys = {name: {key for key in children[f"candidate:{name}"].data.metrics} for name in ["new", *methods]}
+    assert all(found == keys["new"] for found in keys.values()), keys  # every candidate run has the same metric keys
     for method in methods:
         child = children[f"candidate:{method}"]
         assert child.data.params["loss"] == params["finetune"]["methods"][method]["loss"]
-        assert child.data.metrics["test/rnfr"] == pytest.approx(files[f"data/evaluate/{method}/metrics.json"]["data"]["test"]["rnfr"])
-        artifacts = {item.path for item in client.list_artifacts(child.info.run_id)}
-        assert {"model", "flips"} <= artifacts
+        on_disk = json.loads((work / f"data/evaluate/{method}/metrics.json").read_text())
+        assert child.data.metrics["test/rnfr"] == pytest.approx(on_disk["test"]["rnfr"])
+        assert "flips" in {item.path for item in client.list_artifacts(child.info.run_id)}
+        training = children[f"finetune:{method}"]
+        assert "model" in {item.path for item in client.list_artifacts(training.info.run_id)} and "train/loss" in training.data.metrics
 
     # Change only RCAT's beta: only its fine-tune, its evaluation and the decision are stale.
     params["finetune"]["methods"]["rcat"]["beta"] = 0.3
