@@ -342,6 +342,23 @@ def serve(
 
 @app.command()
 @user_errors
+def init(
+    directory: Annotated[Path, typer.Argument(help="the new project's directory (new or empty)")],
+    data: Annotated[str | None, typer.Option(help=DATA_HELP + " (default: digits)")] = None,
+    old: Annotated[str | None, typer.Option(help="the model in service: an rcat model file, factory:module.path:callable@WEIGHTS or models:/NAME@champion")] = None,
+    new: Annotated[str | None, typer.Option(help="the candidate update (same forms)")] = None,
+    git: Annotated[bool, typer.Option(help="run git init (and dvc init with it); --no-git: dvc init --no-scm")] = True,
+) -> None:
+    """Write a working update-check project: dvc.yaml, stages/, pipelines/, prefect.yaml, params.yaml
+    (your data and models), .gitignore; git init and dvc init done. Then: cd DIR && dvc repro."""
+    from rcat.scaffold import init_project
+
+    path = init_project(directory, data=data, old=old, new=new, git=git)
+    print(f"{path}: rcat project written; next: cd {directory} && dvc repro")
+
+
+@app.command()
+@user_errors
 def champion(
     name: Annotated[str | None, typer.Option(help="registered model (default: tracking.registered_model of the params)")] = None,
     alias: Annotated[str, typer.Option(help="the alias to resolve")] = "champion",

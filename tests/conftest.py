@@ -101,19 +101,15 @@ def copy_project(work: Path) -> Path:
 
 @pytest.fixture
 def pipeline_workspace(tmp_path, monkeypatch):
-    """A temporary copy of the project (code, dvc.yaml, reduced params) as a git + DVC repository."""
-    import subprocess
+    """A new project written by `rcat init` (git + DVC initialised; rcat itself is the installed package),
+    with the repo's params.yaml reduced for tests: every end-to-end test runs on what users get."""
+    from rcat.scaffold import init_project
 
-    work = copy_project(tmp_path / "project")
-    (work / "data").mkdir()
-    (work / "data" / ".gitignore").write_text("/*\n!/.gitignore\n")
-    (work / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/mlartifacts/\n")
-    (work / "params.yaml").write_text(yaml.safe_dump(reduced_params(work), sort_keys=False))
     env_bin = str(Path(sys.executable).parent)
     monkeypatch.setenv("PATH", env_bin + os.pathsep + os.environ["PATH"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(command, cwd=work, check=True)
+    work = init_project(tmp_path / "project")
+    (work / "params.yaml").write_text(yaml.safe_dump(reduced_params(work), sort_keys=False))
     return work
 
 

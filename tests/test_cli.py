@@ -172,3 +172,31 @@ def test_stage_modes_refuse_the_flags_and_version_prints():
 
     assert version.exit_code == 0 and version.output.strip() == f"rcat {__version__}"
     assert "``" not in runner.invoke(app, ["evaluate", "--help"]).output
+
+
+def test_init_refuses_a_non_empty_directory_and_bad_params_writing_nothing(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["init", str(tmp_path / "taken")])
+    assert result.exit_code == EXIT_BAD_INPUT and "not an empty directory" in result.output
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    result = runner.invoke(app, ["init", str(tmp_path / "fresh"), "--data", "nonsense:x"])
+    assert result.exit_code == EXIT_BAD_INPUT and "data.source" in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no project, no staging directory left behind
+
+
+def test_init_writes_the_template_with_the_users_references(tmp_path, model_files):
+    from rcat.config import load_params
+
+    old, new = model_files
+    result = runner.invoke(app, ["init", str(tmp_path / "my-check"), "--old", str(old), "--new", str(new), "--no-git"])
+    assert result.exit_code == 0, result.output
+    project = tmp_path / "my-check"
+    assert {p.name for p in project.iterdir()} >= {"dvc.yaml", "params.yaml", "prefect.yaml", "stages", "pipelines", ".gitignore", "data", ".dvc"}
+    params = load_params(project / "params.yaml")
+    assert (params.train_old.reference, params.train_new.reference) == (str(old), str(new))
+    assert params.tracking.experiment == params.tracking.registered_model == "rcat-my-check"
+    dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
+    deps = [d for stage in dvc_yaml["stages"].values() for d in stage.get("do", stage).get("deps", [])]
+    assert deps and not [d for d in deps if d.startswith("rcat/")]  # the package is installed, not part of the project
+    assert sorted(p.name for p in (project / "stages").glob("*.py")) == sorted(p.name for p in (Path(__file__).parents[1] / "stages").glob("*.py"))

@@ -96,9 +96,7 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def served_workspace(pipeline_workspace, model_files, prefect_server, tmp_path) -> Iterator[tuple[Path, subprocess.Popen, Path]]:
     """The tiny pipeline workspace with the flow code and prefect.yaml, served by `rcat serve` (stopped afterwards)."""
-    work = pipeline_workspace
-    shutil.copytree(REPO_ROOT / "pipelines", work / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO_ROOT / "prefect.yaml", work / "prefect.yaml")
+    work = pipeline_workspace  # `rcat init` wrote pipelines/ and prefect.yaml
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["tracking"]["enabled"] = False  # MLflow is covered elsewhere; here it only costs time
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
