@@ -200,3 +200,22 @@ def test_init_writes_the_template_with_the_users_references(tmp_path, model_file
     deps = [d for stage in dvc_yaml["stages"].values() for d in stage.get("do", stage).get("deps", [])]
     assert deps and not [d for d in deps if d.startswith("rcat/")]  # the package is installed, not part of the project
     assert sorted(p.name for p in (project / "stages").glob("*.py")) == sorted(p.name for p in (Path(__file__).parents[1] / "stages").glob("*.py"))
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_project_template(tmp_path):
+    """`pip install rcat` (a wheel) brings what `rcat init` copies: share/rcat/project/... (pyproject's data-files)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import REPO_ROOT
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+                   check=True, capture_output=True)
+    [wheel] = tmp_path.glob("rcat-*.whl")
+    shipped = {name.split("/share/rcat/project/", 1)[1] for name in zipfile.ZipFile(wheel).namelist() if "/share/rcat/project/" in name}
+    expected = {"dvc.yaml", "params.yaml", "prefect.yaml"} | {f"{p.parent.name}/{p.name}" for p in (REPO_ROOT / "stages").glob("*.py")}
+    expected |= {f"pipelines/{p.name}" for p in (REPO_ROOT / "pipelines").glob("*.py")}
+    expected |= {f"stages/plot_templates/{p.name}" for p in (REPO_ROOT / "stages" / "plot_templates").glob("*.json")}
+    assert shipped == expected
