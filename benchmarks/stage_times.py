@@ -46,6 +46,7 @@ def main() -> None:
         for name in ("stages", "rcat"):
             shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+        shutil.copy(ROOT / "rcat-champion.json", work / "rcat-champion.json")
         shutil.copy(args.params, work / "params.yaml")
         (work / "data").mkdir()
         for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):

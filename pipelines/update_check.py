@@ -153,13 +153,10 @@ def write_params(path: Path, params: dict[str, Any], backup: Path | None = None)
 
 
 def _tracking_uri(raw: dict[str, Any], project_dir: str) -> str:
-    """The MLflow store the stages will use: ``MLFLOW_TRACKING_URI``, else the params' URI, with a
-    relative SQLite path taken from the project directory (where DVC runs the stages)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or (raw.get("tracking") or {}).get("uri") or TrackingConfig().uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str((Path(project_dir) / uri[len(prefix):]).resolve())
-    return uri
+    """The MLflow store the stages will use (:func:`rcat.tracking.tracking_uri` from the project directory)."""
+    from rcat.tracking import tracking_uri
+
+    return tracking_uri(TrackingConfig.model_validate(raw.get("tracking") or {}), root=Path(project_dir))
 
 
 @task(name="apply-overrides", cache_policy=NO_CACHE, retries=0)
@@ -198,6 +195,20 @@ def apply_overrides(project_dir: str, champion: str | None = None, candidate: st
     return changed
 
 
+@task(name="refresh-champion-pin", cache_policy=NO_CACHE)
+def refresh_champion_pin(project_dir: str) -> str | None:
+    """With ``train_old.reference: champion``: pin the registry's champion now (``rcat-champion.json``), so that the
+    check runs against it and DVC reruns exactly when it moved. Returns the pinned reference (None: not used)."""
+    from rcat.registry import CHAMPION_PIN, write_champion_pin
+
+    raw = yaml.safe_load((Path(project_dir) / PARAMS_FILE).read_text(encoding="utf-8"))
+    params = parse_params(raw, str(Path(project_dir) / PARAMS_FILE))
+    pin = write_champion_pin(params, Path(project_dir) / CHAMPION_PIN, _tracking_uri(raw, project_dir))
+    if pin["reference"]:
+        print(f"old model: the champion, {pin['reference']}")
+    return pin["reference"]
+
+
 # ---------------------------------------------------------------- flow
 
 
@@ -221,6 +232,7 @@ def update_check(
     """
     root = Path(project_dir).resolve()
     overridden = apply_overrides(str(root), champion, candidate, data_source, attack, methods, rules)
+    refresh_champion_pin(str(root))
     stages = reproduce_pipeline(root, force)
     summary = publish_decision(str(root))
     return {"verdict": summary["verdict"], "candidate": summary["candidate"], "overridden": overridden, **stages}

@@ -363,15 +363,22 @@ def champion(
     name: Annotated[str | None, typer.Option(help="registered model (default: tracking.registered_model of the params)")] = None,
     alias: Annotated[str, typer.Option(help="the alias to resolve")] = "champion",
     params: OptionalParamsOption = None,
+    pin: Annotated[bool, typer.Option(help="write the champion into rcat-champion.json (for train_old.reference: champion)")] = False,
 ) -> None:
     """Print the pinned reference models:/NAME/VERSION that the alias points at now.
 
-    Use it as the next check's old model: `dvc exp run -S train_old.reference=$(rcat champion)`. An
-    alias reference keeps its text when the alias moves, so DVC would not see the new champion.
+    With `train_old.reference: champion` in params.yaml, `rcat champion --pin` writes it into
+    rcat-champion.json, a dep of train_old: `dvc repro` then reruns the check exactly when the champion
+    moved (the decide stage refreshes the pin itself when it moves the champion). Or pin by hand:
+    `dvc exp run -S train_old.reference=$(rcat champion)`.
     """
-    from rcat.registry import pinned_reference
+    from rcat.registry import pinned_reference, write_champion_pin
     from rcat.tracking import tracking_uri
 
+    if pin:
+        written = write_champion_pin(_params(params or Path("params.yaml")))
+        print(f"rcat-champion.json: {written['reference'] or 'no champion used (train_old.reference is not champion)'}")
+        return
     config = _params_or_defaults(params)
     name = name or config.tracking.registered_model
     if not name:

@@ -283,3 +283,49 @@ def pin_alias(reference: str | None, tracking_uri: str | None = None) -> str | N
         return None
     match = ALIAS_REFERENCE.match(reference.strip())
     return reference if match is None else pinned_reference(match["name"], match["alias"], tracking_uri)
+
+
+CHAMPION_REFERENCE = "champion"
+"""``train_old.reference: champion``: the old model is the registry's champion, pinned in :data:`CHAMPION_PIN`."""
+CHAMPION_PIN = Path("rcat-champion.json")
+"""The project's pin of the champion (project root, tracked by git, a dep of ``train_old`` in dvc.yaml):
+``{"reference": "models:/<name>/<version>" | null, "registered_model", "version"}``. It changes exactly when the
+champion used as the old model moves, so DVC reruns the check then and only then."""
+
+
+def write_champion_pin(params: Params, path: Path = CHAMPION_PIN, uri: str | None = None) -> dict[str, Any]:
+    """Resolve the champion of ``tracking.registered_model`` now and write the pin (atomically); return it.
+
+    Without ``train_old.reference: champion`` the pin is ``{"reference": null}``: the file then never
+    changes, so it never reruns anything. ``uri``: the tracking store (default: the params', from the
+    working directory).
+    """
+    from rcat.errors import InputError
+    from rcat.safe_io import read_json, write_json
+    from rcat.tracking import tracking_uri
+
+    pin: dict[str, Any] = {"reference": None, "registered_model": None, "version": None}
+    if params.train_old.reference == CHAMPION_REFERENCE:
+        name = params.tracking.registered_model
+        if not name:
+            raise InputError("params.yaml: train_old.reference is 'champion' but tracking.registered_model is not set; name the registered model")
+        reference = pinned_reference(name, CHAMPION, uri or tracking_uri(params.tracking))
+        pin = {"reference": reference, "registered_model": name, "version": reference.rsplit("/", 1)[1]}
+    if not path.is_file() or read_json(path) != pin:  # unchanged content: no rewrite, no new mtime
+        write_json(path, pin)
+    return pin
+
+
+def read_champion_pin(path: Path = CHAMPION_PIN) -> str:
+    """The pinned ``models:/<name>/<version>`` of ``train_old.reference: champion`` (one-line error when there is none)."""
+    from rcat.errors import InputError
+    from rcat.safe_io import read_json
+
+    pin = read_json(path) if path.is_file() else {}
+    reference = pin.get("reference") if isinstance(pin, dict) else None
+    if not isinstance(reference, str) or not ALIAS_FREE.match(reference):
+        raise InputError(f"{path}: no pinned champion; run 'rcat champion --pin' (after a passing update check registered one)")
+    return reference
+
+
+ALIAS_FREE = re.compile(r"^models:/[^/@]+/\d+$")

@@ -3,7 +3,7 @@
 Writes ``dvc.yaml`` (the stages, without this repository's own ``rcat/*.py`` code deps: in a user's
 project rcat is an installed package), ``stages/`` (the thin stage scripts and plot templates),
 ``pipelines/`` (the Prefect flows), ``prefect.yaml``, ``params.yaml`` (rcat's defaults with the
-user's data source and model references, validated before anything is written), ``.gitignore`` and
+user's data source and model references, validated before anything is written), ``rcat-champion.json`` (no champion pinned yet), ``.gitignore`` and
 ``data/.gitignore``, then runs ``git init`` and ``dvc init`` there. The directory must be new or
 empty; the project is assembled in a temporary sibling directory and renamed into place, so a
 failure leaves nothing half-written.
@@ -27,6 +27,7 @@ from typing import Any
 from rcat.errors import InputError
 
 TEMPLATE_FILES = ("dvc.yaml", "prefect.yaml", "params.yaml")
+PIN_FILE = "rcat-champion.json"
 TEMPLATE_DIRS = ("stages", "pipelines")
 GITIGNORE = """# rcat project (written by `rcat init`)
 __pycache__/
@@ -88,6 +89,7 @@ def init_project(directory: str | os.PathLike[str], *, data: str | None = None, 
             shutil.copytree(root / name, staging / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (staging / "dvc.yaml").write_text(project_dvc_yaml((root / "dvc.yaml").read_text(encoding="utf-8")), encoding="utf-8")
         shutil.copyfile(root / "prefect.yaml", staging / "prefect.yaml")
+        (staging / PIN_FILE).write_text('{"reference": null, "registered_model": null, "version": null}\n', encoding="utf-8")
         header = ("# rcat update check (written by `rcat init`); every key is documented in rcat's params.yaml and README.\n"
                   "# Change a value for one run with `dvc exp run -S key=value`.\n")
         (staging / "params.yaml").write_text(header + yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

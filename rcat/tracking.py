@@ -75,13 +75,15 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
-def tracking_uri(config: TrackingConfig) -> str:
+def tracking_uri(config: TrackingConfig, root: Path | None = None) -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the params' URI (default ``sqlite:///mlflow.db``); a relative
-    SQLite path is made absolute under :func:`project_root` (temporary and queued DVC experiments included)."""
+    SQLite path is made absolute under ``root`` (default :func:`project_root`: temporary and queued DVC
+    experiments included). The one rule for every caller: stages, the command line and the flows."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or config.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///":
         relative, query = (uri[len("sqlite:///"):].split("?", 1) + [""])[:2]
-        return f"sqlite:///{(project_root() / relative).as_posix()}" + (f"?{query}" if query else "")
+        base = project_root(root) if root is not None else project_root()
+        return f"sqlite:///{(base / relative).as_posix()}" + (f"?{query}" if query else "")
     return uri
 
 

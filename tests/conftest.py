@@ -90,7 +90,7 @@ def reduced_params(tmp_root: Path, **overrides) -> dict:
 def copy_project(work: Path) -> Path:
     """A new directory ``work`` holding what the pipeline runs from: dvc.yaml, stages/ and rcat/."""
     work.mkdir()
-    for name in ("dvc.yaml", "stages", "rcat"):
+    for name in ("dvc.yaml", "rcat-champion.json", "stages", "rcat"):
         source = REPO_ROOT / name
         if source.is_dir():
             shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -199,7 +199,7 @@ def _serve_and_predict(model_uri: str, batch, expected) -> None:
 
 
 @pytest.mark.slow
-def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp_path, trained_mlp):
+def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp_path, trained_mlp, monkeypatch):
     """M0 -> M1 -> M2 through two passing checks, then a rejected, an incomplete and a repeated check that move nothing."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -263,9 +263,17 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
 
     # ---- check 2: old = the champion of check 1 (models:/...@champion), a new candidate, lax gate -> promote
     assert pinned_reference(MODEL_NAME) == f"models:/{MODEL_NAME}/{m1_version}"
+    # (train_old.reference: champion, the documented way: the champion pinned in the project's rcat-champion.json)
+    from rcat.config import parse_params
+    from rcat.registry import CHAMPION_PIN, write_champion_pin
+
     root2 = tmp_path / "check2"
-    raw2 = _raw_params(root2, cache_dir, f"models:/{MODEL_NAME}@{CHAMPION}", str(_perturbed(network, spec, models / "new2.safetensors", seed=1)), LAX_RULES)
+    root2.mkdir()
+    monkeypatch.chdir(root2)  # the pin lives at the project root
+    raw2 = _raw_params(root2, cache_dir, "champion", str(_perturbed(network, spec, models / "new2.safetensors", seed=1)), LAX_RULES)
+    assert write_champion_pin(parse_params(raw2))["reference"] == f"models:/{MODEL_NAME}/{m1_version}"
     params2, layout2, tracker2, record2 = _run_check(root2, raw2)
+    assert record2["inputs"]["old_reference"] == f"models:/{MODEL_NAME}/{m1_version}"  # the decision names the registry version
     assert record2["verdict"] == "promote", record2["reasons"]
     parent2 = tracker2.parent().run_id
     assert parent2 != parent1
@@ -296,6 +304,8 @@ def test_update_checks_in_sequence_move_champion_only_on_pass(mlflow_server, tmp
     m2_version = versions2[record2["candidate"]]
     registered = client.get_registered_model(MODEL_NAME)
     assert registered.aliases[CHAMPION] == m2_version != m1_version
+    # decide moved the champion and refreshed the pin: the next `dvc repro` checks against M2
+    assert json.loads(CHAMPION_PIN.read_text())["reference"] == f"models:/{MODEL_NAME}/{m2_version}"
     assert registered.aliases[PREVIOUS_CHAMPION] == m1_version
     history = json.loads(registered.tags[HISTORY_TAG])
     assert [(entry["version"], entry["previous"], entry["run_id"]) for entry in history] == [(m1_version, None, parent1), (m2_version, m1_version, parent2)]

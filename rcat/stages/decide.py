@@ -84,6 +84,12 @@ def input_digests(params: Params, layout: Layout, evidence: dict[str, dict[str, 
         relative = layout.candidate_model(candidate).relative_to(layout.root).as_posix()
         models[candidate] = evidence.get(candidate, {}).get(relative)
     digests["models"] = models
+    digests["old_reference"] = params.train_old.reference  # the old model's reference as configured
+    if params.train_old.reference == "champion":
+        from rcat.registry import CHAMPION_PIN
+
+        # the registry version compared against: models:/<name>/<version>
+        digests["old_reference"] = read_json(CHAMPION_PIN).get("reference") if CHAMPION_PIN.is_file() else None
     return digests
 
 
@@ -165,7 +171,11 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
             from rcat.registry import register_update_check
 
             # after decision.json is written and logged: the registry only ever reflects a recorded decision
-            register_update_check(tracker, params, layout, record)
+            registry = register_update_check(tracker, params, layout, record)
+            if registry.get("champion_moved") and params.train_old.reference == "champion":
+                from rcat.registry import write_champion_pin
+
+                write_champion_pin(params)  # the next `dvc repro` checks the update against the new champion
         tracker.finish_parent()
     return record
 

@@ -53,6 +53,10 @@ def import_model(params: Params, role: str, layout: Layout, tracker: Tracker | N
     """
     config = params.train_old if role == "old" else params.train_new
     reference = config.reference or ""
+    if reference == "champion":
+        from rcat.registry import read_champion_pin
+
+        reference = read_champion_pin()  # models:/<name>/<version>, pinned in rcat-champion.json (a dep of this stage)
     if reference.startswith(TORCHSCRIPT_PREFIX):
         raise InputError(f"params.yaml: train_{role}.reference {reference!r}: TorchScript models can be evaluated "
                          "('rcat evaluate') but not fine-tuned; export a state dict and use 'factory:module:callable@WEIGHTS'")
