@@ -421,6 +421,35 @@ def run_attack(
     return result
 
 
+def saved_adversarial(network: nn.Module, split: Any, config: AttackConfig, *, seed: int, cache_dir: str | Path, chunk_size: int,
+                      positions: Sequence[int]) -> torch.Tensor:
+    """The adversarial points a ``save_adversarial=True`` run stored for ``positions`` (positions in the split),
+    read from the run's chunk files (its key from the same inputs as :func:`run_attack`); float32, ``(len(positions), ...)``.
+
+    Each chunk file is checked against the run's key and the sample indices it holds; an absent or
+    foreign file is a one-line :class:`InputError` (rerun the stage that attacked the model).
+    """
+    from rcat.safe_io import read_tensors
+
+    images, labels, sample_index = _split_tensors(split)
+    key = run_key(network, (images, labels, sample_index), config, seed, chunk_size)
+    directory = Path(cache_dir) / key
+    loaded: dict[int, dict[str, torch.Tensor]] = {}
+    rows = []
+    for position in positions:
+        chunk = int(position) // chunk_size
+        if chunk not in loaded:
+            path = directory / adversarial_name(chunk)
+            tensors, metadata = read_tensors(path) if path.is_file() else ({}, {})
+            expected = sample_index[chunk * chunk_size : (chunk + 1) * chunk_size]
+            if metadata.get("engine_key") != key or "adversarial" not in tensors or not torch.equal(tensors.get("sample_index", torch.empty(0)), expected.cpu()):
+                raise InputError(f"attack cache {path}: no adversarial points of this run for chunk {chunk}; "
+                                 "rerun the stage that attacked the model (dvc repro --force <stage>)")
+            loaded[chunk] = tensors
+        rows.append(loaded[chunk]["adversarial"][int(position) - chunk * chunk_size])
+    return torch.stack(rows) if rows else images[:0].float()
+
+
 def _assemble(frames: list[pd.DataFrame | None], config: AttackConfig, provenance: dict[str, str], n_samples: int) -> pd.DataFrame:
     merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_columns(config))
     data: dict[str, Any] = {column: merged[column].to_numpy() for column in COMPUTED_COLUMNS}

@@ -10,19 +10,18 @@ Contents, in reading order:
    ``flips.parquet``: ``new_clean_correct``, ``new_robust``, ``negative_flip``,
    ``robust_negative_flip`` and ``negative_flip or robust_negative_flip``), the old model as
    reference row. Point estimates are checked against the candidate's ``metrics.json``.
-3. **Trade-off plot**: robust accuracy against RNFR per candidate on the confirmation split, with
-   the intervals as error bars and the gate's ``max_rnfr`` and the old model's robust accuracy
-   as guides.
+3. **Trade-off plot** (:mod:`rcat.plots`): RNFR against clean and against robust accuracy per
+   candidate on the confirmation split, the intervals as error bars, the Pareto frontier and the
+   gate's ``max_rnfr`` as guides.
 4. **Per-class counts** of negative flips (NF) and robustness negative flips (RNF) per candidate,
    by true class, on the confirmation split (table and bar plot).
 5. **Gallery** of a few RNF samples of the promoted candidate (else the candidate selected on the
    selection split, else the raw update ``new``): the clean image, the old model's adversarial
    point (its attack failed) and the candidate's (its attack succeeded), with predictions.
-   Adversarial points are not stored by the pipeline, so they are recomputed with the configured
-   attack through :func:`rcat.attacks.attack_outcomes`, on the whole attack batch that held each
-   sample and with that batch's seed (``seed * 1_000_003 + batch start``, as the attack engine
-   runs it): the recomputation repeats the evaluated attack, and any disagreement with the cached
-   outcome is stated in the caption.
+   The report never attacks: each evaluation saved the adversarial points of its first RNF samples
+   (``gallery.safetensors``, :func:`rcat.stages.attacking.write_gallery`), and the report checks
+   each with one forward pass (inside the eps-ball, the recorded adversarial prediction), stating
+   any disagreement in the caption.
 
 Images are inline base64 PNG (matplotlib's Agg for plots, nearest-neighbour upscaling for
 samples), styles inline, no script: the file opens anywhere, offline. The plot data also goes
@@ -43,20 +42,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rcat.attacks import attack_outcomes
 from rcat.config import Params
-from rcat.data import Split, load_split
+from rcat.data import load_split
 from rcat.errors import InputError
 from rcat.models import LoadedModel, load_model
-from rcat.results import Layout
+from rcat.results import GALLERY_FILE, GALLERY_SAMPLES, Layout
 from rcat.runtime import resolve_device
-from rcat.safe_io import atomic_path, read_json, read_parquet
+from rcat.safe_io import atomic_path, read_json, read_parquet, read_tensors
 from rcat.statistics import bootstrap_interval
 from rcat.tracking import Tracker
 
 CONFIDENCE = 0.95
-GALLERY_SIZE = 6
-"""Robustness-negative-flip samples shown in the gallery (at most)."""
+GALLERY_SIZE = GALLERY_SAMPLES
+"""Robustness-negative-flip samples shown in the gallery (at most: what each evaluation saves)."""
 IMAGE_PIXELS = 112
 """Target side of a gallery image in pixels; images are upscaled by an integer factor (nearest)."""
 METRIC_TOLERANCE = 1e-9
@@ -213,28 +211,6 @@ def _cached_outcomes(layout: Layout, role: str, split: str) -> pd.DataFrame:
     return frame[(frame["model"] == role) & (frame["split"] == split)].set_index("sample_index")
 
 
-def recompute_batches(model: LoadedModel, role: str, split: Split, positions: list[int], params: Params,
-                      device: torch.device) -> dict[int, tuple[pd.Series, torch.Tensor]]:
-    """Attack ``model`` again on the attack batches that hold ``positions`` (positions in ``split``).
-
-    Each batch is attacked whole, with the seed the attack engine gave it (its start in the split),
-    so the result repeats the evaluation's attack. Returns, per requested position, the outcome row
-    and the adversarial image.
-    """
-    size = params.attack.batch_size
-    out: dict[int, tuple[pd.Series, torch.Tensor]] = {}
-    for start in sorted({p // size * size for p in positions}):
-        stop = min(start + size, len(split))
-        provenance = {"split": split.name, "model": role, "model_digest": model.digest, "split_digest": split.digest}
-        frame, adversarial = attack_outcomes(model.network, split.images[start:stop], split.labels[start:stop], split.sample_index[start:stop],
-                                             params.attack, num_classes=split.num_classes, seed=params.seed, provenance=provenance,
-                                             device=device, return_adversarial=True, position_offset=start)
-        for p in positions:
-            if start <= p < stop:
-                out[p] = (frame.iloc[p - start], adversarial[p - start])
-    return out
-
-
 def _prediction(value: Any, classes: list[str]) -> str:
     index = int(value)
     return classes[index] if 0 <= index < len(classes) else str(index)
@@ -242,43 +218,63 @@ def _prediction(value: Any, classes: list[str]) -> str:
 
 def build_gallery(params: Params, layout: Layout, candidate: str, split_name: str, flips: pd.DataFrame, classes: list[str],
                   size: int = GALLERY_SIZE) -> list[GalleryItem]:
-    """Up to ``size`` RNF samples of ``candidate`` on ``split_name`` (first in split order), recomputed and rendered."""
+    """Up to ``size`` RNF samples of ``candidate`` on ``split_name``, rendered from the adversarial points its
+    evaluation saved (``gallery.safetensors``): nothing is attacked here.
+
+    Each saved point is checked with one forward pass (no attack): it must lie in the attack's eps-ball
+    and give the adversarial prediction the evaluation recorded, for the old model and for the
+    candidate; a sample of ``flips`` that the evaluation did not save, or a point that does not
+    reproduce, is shown with a note saying so instead of being hidden.
+    """
     chosen = flips[flips["robust_negative_flip"]]
     if chosen.empty or size <= 0:
         return []
-    split = load_split(layout.split(split_name)) if layout.split(split_name).is_file() else None
-    if split is None:
+    if not layout.split(split_name).is_file():
         raise InputError(f"{layout.split(split_name)}: not found; run the 'prepare' stage first (dvc repro prepare)")
+    split = load_split(layout.split(split_name))
+    gallery_path = layout.evaluation(candidate) / GALLERY_FILE
+    stage = "attack_cache" if candidate == "new" else f"evaluate@{candidate}"
+    if not gallery_path.is_file():
+        raise InputError(f"{gallery_path}: not found; rerun 'dvc repro {stage}' (evaluations save their gallery since this version)")
+    saved, metadata = read_tensors(gallery_path)
+    if metadata.get("split_digest") != split.digest:
+        raise InputError(f"{gallery_path}: saved for another {split_name} split; rerun 'dvc repro {stage}'")
+    saved_at = {int(index): row for row, index in enumerate(saved["sample_index"].tolist())}
     position_of = {int(index): position for position, index in enumerate(split.sample_index.tolist())}
-    missing = [int(i) for i in chosen["sample_index"] if int(i) not in position_of]
-    if missing:
-        raise InputError(f"{layout.split(split_name)}: samples {missing[:5]} of {candidate}'s flips are not in the split; rerun 'dvc repro'")
-    positions = sorted(position_of[int(i)] for i in chosen["sample_index"])[:size]
+    wanted = sorted(position_of[int(i)] for i in chosen["sample_index"] if int(i) in position_of)[:size]
     device = resolve_device(params.device)
-    recomputed = {}
-    cached = {}
+    models = {}
     for role in ("old", candidate):
-        path, stage = _model_path(layout, role)
-        recomputed[role] = recompute_batches(_load(path, params, device, stage), role, split, positions, params, device)
-        cached[role] = _cached_outcomes(layout, role, split_name)
+        path, model_stage = _model_path(layout, role)
+        models[role] = _load(path, params, device, model_stage)
+    cached = {role: _cached_outcomes(layout, role, split_name) for role in ("old", candidate)}
+    eps = params.attack.max_eps
     items = []
-    for p in positions:
+    for p in wanted:
         index = int(split.sample_index[p])
-        (old_row, old_adv), (new_row, new_adv) = recomputed["old"][p], recomputed[candidate][p]
-        notes = []
-        for role, row, expected in (("old model", old_row, True), (candidate, new_row, False)):
-            if bool(row["robust"]) != expected:
-                notes.append(f"recomputed: the attack on the {role} now {'fails' if row['robust'] else 'succeeds'}, "
-                             "unlike the evaluated outcome (the attack did not repeat exactly on this machine)")
-        for role, row in (("old", old_row), (candidate, new_row)):
-            stored = cached[role]
-            if index in stored.index and int(stored.loc[index, "adversarial_prediction"]) != int(row["adversarial_prediction"]):
-                notes.append(f"{'old model' if role == 'old' else role}: recomputed adversarial prediction "
-                             f"{_prediction(row['adversarial_prediction'], classes)} differs from the evaluated "
-                             f"{_prediction(stored.loc[index, 'adversarial_prediction'], classes)}")
+        notes: list[str] = []
+        clean = split.images[p]
+        if index in saved_at:
+            row = saved_at[index]
+            points = {"old": saved["old_adversarial"][row], candidate: saved["candidate_adversarial"][row]}
+        else:
+            points = {"old": clean, candidate: clean}
+            notes.append("not among the samples the evaluation saved: shown without its adversarial points")
+        predictions = {}
+        for role, point in points.items():
+            with torch.no_grad():
+                predictions[role] = int(models[role].network(point.unsqueeze(0).to(device)).argmax(1).item())
+            recorded = cached[role].loc[index] if index in cached[role].index else None
+            name = "old model" if role == "old" else role
+            if float((point - clean).abs().max()) > eps + 1e-6:
+                notes.append(f"{name}: the saved point lies outside the eps-ball ({float((point - clean).abs().max()):.4f} > {eps:g})")
+            if recorded is not None and index in saved_at and predictions[role] != int(recorded["adversarial_prediction"]):
+                notes.append(f"{name}: the saved point is classified {_prediction(predictions[role], classes)}, not the evaluated "
+                             f"{_prediction(recorded['adversarial_prediction'], classes)} (the file does not match its evaluation)")
+        old_row, new_row = cached["old"].loc[index], cached[candidate].loc[index]
         if not bool(new_row["clean_correct"]):
             notes.append(f"{candidate} misclassifies the clean image already (also a clean negative flip): clean mistakes are not attacked")
-        items.append(GalleryItem(index, _prediction(split.labels[p], classes), image_png(split.images[p]), image_png(old_adv), image_png(new_adv),
+        items.append(GalleryItem(index, _prediction(split.labels[p], classes), image_png(clean), image_png(points["old"]), image_png(points[candidate]),
                                  _prediction(old_row["adversarial_prediction"], classes), _prediction(new_row["adversarial_prediction"], classes),
                                  _prediction(new_row["clean_prediction"], classes), float(old_row["linf_distance"]), float(new_row["linf_distance"]), notes))
     return items

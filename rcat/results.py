@@ -56,6 +56,12 @@ class EvidenceError(InputError):
     """An evaluation's evidence does not hold: a file changed, a digest differs, a signature fails."""
 
 
+GALLERY_FILE = "gallery.safetensors"
+"""Each evaluation's saved adversarial points of its first robustness negative flips (the report's gallery)."""
+GALLERY_SAMPLES = 6
+"""Robustness negative flips an evaluation keeps for the report's gallery (at most)."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where every stage reads and writes, relative to ``root`` (the DVC outputs live in ``data/``)."""

@@ -11,7 +11,7 @@ from rcat.config import Params
 from rcat.data import SPLIT_NAMES
 from rcat.results import EVALUATED_SPLITS, Layout
 from rcat.safe_io import write_json, write_parquet
-from rcat.stages.attacking import ENGINE_SUMMARIES, attack_model_on_splits, write_evaluation_evidence
+from rcat.stages.attacking import ENGINE_SUMMARIES, attack_model_on_splits, write_evaluation_evidence, write_gallery
 from rcat.stages.common import split_metrics, stage_device, stage_model, stage_split
 from rcat.tracking import Tracker
 
@@ -27,13 +27,18 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
     splits = {name: stage_split(layout, name) for name in SPLIT_NAMES}
     old = stage_model(layout, "old", params, device)
     new = stage_model(layout, "new", params, device)
-    outcomes = {role: attack_model_on_splits(model, role, splits, params.attack, params.seed, device, params.engine) for role, model in (("old", old), ("new", new))}
+    # the confirmation split's adversarial points are kept in the engine's cache: the report's gallery is drawn from them
+    confirmation = (params.decision.confirmation_split,)
+    outcomes = {role: attack_model_on_splits(model, role, splits, params.attack, params.seed, device, params.engine, save_adversarial=confirmation)
+                for role, model in (("old", old), ("new", new))}
     frame = pd.concat(outcomes.values(), ignore_index=True)
     provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old.digest, "new_digest": new.digest}
     write_parquet(layout.attack_cache / "outcomes.parquet", frame, provenance)
     metrics, flips = split_metrics(outcomes["old"], outcomes["new"], SPLIT_NAMES)
     write_parquet(layout.attack_cache / "flips.parquet", flips.assign(candidate="new"), provenance)
     write_json(layout.attack_cache / "metrics.json", metrics)
+    split = splits[params.decision.confirmation_split]
+    write_gallery(params, layout, "new", new, old, split, flips[flips["split"] == split.name])
     write_evaluation_evidence(params, layout, "new", splits)
     if tracker is not None:
         with tracker.child("attack_cache", "stage") as run:

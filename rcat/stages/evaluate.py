@@ -16,7 +16,7 @@ from rcat.metrics import compare_outcomes, flip_set
 from rcat.models import LoadedModel
 from rcat.results import EVALUATED_SPLITS, Layout
 from rcat.safe_io import write_json, write_parquet
-from rcat.stages.attacking import attack_model_on_splits, write_evaluation_evidence
+from rcat.stages.attacking import attack_model_on_splits, write_evaluation_evidence, write_gallery
 from rcat.stages.common import load_cached_outcomes, method_params, split_metrics, stage_device, stage_model, stage_split
 from rcat.tracking import Tracker
 
@@ -27,16 +27,19 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
         raise InputError(f"params.yaml: finetune.methods has no method {method_name!r}")
     device = stage_device(params)
     splits = {name: stage_split(layout, name) for name in EVALUATED_SPLITS}
-    old_digest = stage_model(layout, "old", params, "cpu").digest
+    old = stage_model(layout, "old", params, device)
+    old_digest = old.digest
     old_outcomes = load_cached_outcomes(layout, "old", splits, params.attack, old_digest)
     model = stage_model(layout, method_name, params, device)
-    outcomes = attack_model_on_splits(model, method_name, splits, params.attack, params.seed, device, params.engine)
+    confirmation = params.decision.confirmation_split
+    outcomes = attack_model_on_splits(model, method_name, splits, params.attack, params.seed, device, params.engine, save_adversarial=(confirmation,))
     metrics, flips = split_metrics(old_outcomes, outcomes, EVALUATED_SPLITS)
     out = layout.evaluation(method_name)
     provenance = {"attack_config": json.dumps(params.attack.identity(), sort_keys=True), "old_digest": old_digest, "candidate_digest": model.digest}
     write_parquet(out / "outcomes.parquet", outcomes, provenance)
     write_parquet(out / "flips.parquet", flips.assign(candidate=method_name), provenance)
     write_json(out / "metrics.json", metrics)
+    write_gallery(params, layout, method_name, model, old, splits[confirmation], flips[flips["split"] == confirmation])
     write_evaluation_evidence(params, layout, method_name, splits)
     if tracker is not None:
         with tracker.child(f"candidate:{method_name}", "candidate") as run:
