@@ -140,14 +140,14 @@ REALISTIC_MODEL = Path(__file__).resolve().parents[1] / "docs" / "results" / "mo
 """The realistic model of section (d): the committed CIFAR-10 pair's new model (benchmarks/train_pair.py)."""
 
 
-def realistic_comparison(quick: bool, workdir: Path, seed: int) -> dict:
+def realistic_comparison(quick: bool, workdir: Path, seed: int, n: int | None = None) -> dict:
     """Section (d): plain loop vs engine vs cascade on the committed CIFAR-10 model; seed noise of the full attack."""
     import torch
 
     from rcat.config import AttackConfig
     from rcat.models import load_model
 
-    n, batch = (500, 250) if quick else (2000, 500)
+    n, batch = (n, n // 2) if n else ((500, 250) if quick else (2000, 500))
     model = load_model(REALISTIC_MODEL, "cpu")
     images, labels, note = load_data(n // 10, workdir / "realistic")
     images, labels = images[:n].contiguous(), labels[:n].contiguous()

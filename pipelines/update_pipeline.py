@@ -213,28 +213,25 @@ def candidate_figures(project_dir: str = ".") -> tuple[dict[str, Any], list[dict
     """The decision record and one row per candidate on its confirmation split.
 
     Rows: ``{"candidate", "chosen", "admissible", "split", <KEY_FIGURES columns>...}``, the old model first
-    as ``old (reference)`` (its accuracies; flips are measured against it, so none). ``new`` is the
-    raw update (the baseline attack cache's metrics); the others are the fine-tuned candidates.
-    A figure that was not measured is None.
+    as ``old (reference)`` (its accuracies; flips are measured against it, so none). The candidates and
+    their figures come from one source, the decision record (``rcat.results.Layout().decision``): the
+    evaluations the gate verified and decided on, so a method's folder left over from an earlier
+    configuration never shows. A figure that was not measured is None.
     """
-    data = Path(project_dir) / "data"
-    decision = _read_json(data / "decide" / "decision.json")
+    from rcat.results import Layout
+
+    decision = _read_json(Layout(Path(project_dir) / "data").decision)
     split = decision.get("confirmation_split") or "test"
-    metrics: dict[str, dict[str, Any]] = {}
-    cache_metrics = data / "attack_cache" / "metrics.json"
-    if cache_metrics.is_file():
-        metrics["new"] = _read_json(cache_metrics)
-    for path in sorted((data / "evaluate").glob("*/metrics.json")):
-        metrics[path.parent.name] = _read_json(path)
+    evaluations = (decision.get("replay") or {}).get("evaluations") or {}
     chosen = decision.get("candidate")
     rows: list[dict[str, Any]] = []
-    reference = next((m[split] for m in metrics.values() if m.get(split)), None)
+    reference = next((by_split[split] for by_split in evaluations.values() if (by_split or {}).get(split)), None)
     if reference is not None:
         rows.append({"candidate": "old (reference)", "chosen": False, "admissible": None, "split": split,
                      **dict.fromkeys(KEY_FIGURES),
                      "accuracy": reference.get("accuracy_old"), "robust_accuracy": reference.get("robust_accuracy_old")})
-    for name in dict.fromkeys([*metrics, *decision.get("candidates", {})]):
-        values = metrics.get(name, {}).get(split) or {}
+    for name in decision.get("candidates", {}):
+        values = (evaluations.get(name) or {}).get(split) or {}
         rows.append({"candidate": name, "chosen": name == chosen,
                      "admissible": decision.get("candidates", {}).get(name, {}).get("admissible"), "split": split,
                      **{column: values.get(key) for column, key in KEY_FIGURES.items()}})
