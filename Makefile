@@ -26,7 +26,7 @@ run: setup
 	@cat data/decide/decision.json | $(BIN)/python -c "import json,sys; d=json.load(sys.stdin); print('decision:', d['verdict'], d['candidate'] or '', '-', '; '.join(d['reasons']))"
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 lint: setup
 	$(BIN)/ruff check rcat stages pipelines benchmarks tests
