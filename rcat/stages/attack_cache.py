@@ -12,7 +12,7 @@ from rcat.data import SPLIT_NAMES
 from rcat.results import EVALUATED_SPLITS, Layout
 from rcat.safe_io import write_json, write_parquet
 from rcat.stages.attacking import ENGINE_SUMMARIES, attack_model_on_splits, write_evaluation_evidence, write_gallery
-from rcat.stages.common import split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.common import key_figures, split_metrics, stage_device, stage_model, stage_split
 from rcat.tracking import Tracker
 
 
@@ -50,6 +50,7 @@ def attack_cache(params: Params, layout: Layout, tracker: Tracker | None = None)
         with tracker.child("candidate:new", "candidate") as run:
             run.params({"method": "new", "loss": "none"})
             # the evaluated splits only, as every other candidate run: the same metric keys on the compare page
+            run.metrics(key_figures(params, metrics))
             run.metrics({split: metrics[split] for split in EVALUATED_SPLITS})
             run.artifact(layout.attack_cache / "flips.parquet", "flips")
     return metrics

@@ -97,3 +97,14 @@ def method_params(params: Params, method_name: str) -> dict[str, Any]:
     return {"method": method_name, "loss": method.loss, **weights,
             "constraint_set": method.constraint_set, "constraint_term": method.constraint_term, "distance": method.distance,
             "train_attack": params.finetune.for_method(method).attack.label(), **{f"finetune.{k}": v for k, v in shared.items()}}
+
+
+KEY_FIGURES = ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr", "snfr")
+"""A candidate's key figures, logged first on its MLflow run (``key/<figure>``: ``key`` sorts before the split names)."""
+
+
+def key_figures(params: Params, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``key/accuracy``, ``key/robust_accuracy``, ``key/nfr``, ``key/rnfr``, ``key/snfr`` on the confirmation split:
+    the same keys on every candidate run, so the MLflow compare page starts with them."""
+    confirmation = metrics.get(params.decision.confirmation_split) or {}
+    return {f"key/{name.removesuffix('_new')}": confirmation.get(name) for name in KEY_FIGURES}

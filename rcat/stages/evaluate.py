@@ -17,7 +17,7 @@ from rcat.models import LoadedModel
 from rcat.results import EVALUATED_SPLITS, Layout
 from rcat.safe_io import write_json, write_parquet
 from rcat.stages.attacking import attack_model_on_splits, write_evaluation_evidence, write_gallery
-from rcat.stages.common import load_cached_outcomes, method_params, split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.common import key_figures, load_cached_outcomes, method_params, split_metrics, stage_device, stage_model, stage_split
 from rcat.tracking import Tracker
 
 
@@ -44,6 +44,7 @@ def evaluate_method(params: Params, method_name: str, layout: Layout, tracker: T
     if tracker is not None:
         with tracker.child(f"candidate:{method_name}", "candidate") as run:
             run.params(method_params(params, method_name))
+            run.metrics(key_figures(params, metrics))
             run.metrics(metrics)
             run.artifact(out / "flips.parquet", "flips")
             run.table(flip_set(flips.assign(candidate=method_name)), f"flips/{method_name}.json")
