@@ -336,10 +336,41 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
         "note": ("means over seeds on the test split; *_ci95: 95% Wilson intervals over the seeds' pooled test samples; matched: the lowest test "
                  "RNFR among a family's points with clean and robust accuracy >= the best AT's - 1 point (the best AT: AT's point selected on validation)"),
     }
-    write_json(ROOT / "docs" / "results" / f"{name}.json", result)
+    write_json(ROOT / "docs" / "results" / TABLE_JSON, result)
+    commit_matched_models(result, compare, name)
     print(markdown(result, points, compare))
     print(json.dumps({"matched": result["matched"], "headline": result["headline"]}))
     return result
+
+
+TABLE_JSON = "cifar10.json"
+"""The comparison's table: ``{"methods": {point: {...}}, "pair": ..., "matched": ..., "headline": ...}`` (issue 12's format)."""
+
+
+def commit_matched_models(result: dict, compare: dict, name: str) -> None:
+    """Copy seed 0's model of every family's matched point into ``docs/results/models/<name>/seed-0/`` and list them,
+    with the pair and the params file that evaluates them, in ``docs/results/cifar10_models.json``."""
+    work = ROOT / ".rcat_cache" / "compare" / name / "seed-0" / "data" / "finetune"
+    target = ROOT / "docs" / "results" / "models" / name / "seed-0"
+    pair = ROOT / "docs" / "results" / "models" / compare["pair"] / "seed-0"
+    models: dict[str, dict] = {}
+    for role in ("old", "new"):
+        models[role] = {"file": str((pair / f"{role}.safetensors").relative_to(ROOT)), "sha256": sha256_file(pair / f"{role}.safetensors")}
+    for family, entry in result["matched"].items():
+        if entry is None:
+            continue
+        source = work / entry["point"] / "model.safetensors"
+        recorded = read_json(ROOT / "docs" / "results" / name / "seed-0" / f"{entry['point']}.json")["weights_sha256"]
+        if not source.is_file() or sha256_file(source) != recorded:
+            print(f"  {entry['point']}: its fine-tuned model is not in {source.parent} as evaluated; not committed", flush=True)
+            continue
+        with atomic_path(target / f"{entry['point']}.safetensors") as tmp:
+            shutil.copyfile(source, tmp)
+        models[entry["point"]] = {"family": family, "file": str((target / f"{entry['point']}.safetensors").relative_to(ROOT)), "sha256": recorded}
+    write_json(ROOT / "docs" / "results" / "cifar10_models.json",
+               {"seed": 0, "params": "benchmarks/profiles/cifar10_compare.yaml", "models": models,
+                "check": "rcat evaluate --params benchmarks/profiles/cifar10_compare.yaml --data imagefolder:../shared/data/cifar10-jpeg/train "
+                         "--split test --old <old file> --new <a model file> --out /tmp/check"})
 
 
 def markdown(result: dict, points: pd.DataFrame, compare: dict) -> str:
