@@ -402,6 +402,13 @@ class Tracker:
         self._client.set_terminated(run_id, status="FINISHED")
         self._logging = None
 
+    def has_child(self, name: str) -> bool:
+        """Whether this check's parent run already has a child run called ``name``."""
+        if not self.enabled:
+            return False
+        self.parent()
+        return self._find(f"tags.`{CHILD_TAG}` = '{name}'") is not None
+
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self._client.set_terminated(self.parent().run_id, status=status)

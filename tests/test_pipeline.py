@@ -131,3 +131,15 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     third = dvc(work, "repro")
     ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
     assert ran == {"finetune@rcat", "evaluate@rcat", "decide", "report"}
+
+    # A rules-only change reruns decide (and the report) alone; the new check's parent run still has every candidate,
+    # logged by decide from the evaluations DVC reused.
+    params["decision"]["rules"]["max_nfr"] = 0.5
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = dvc(work, "repro")
+    assert {line.split("'")[1] for line in fourth.splitlines() if line.startswith("Running stage")} == {"decide", "report"}
+    runs = client.search_runs([experiment.experiment_id])
+    newest = max((run for run in runs if run.data.tags.get("rcat.child") == "__parent__"), key=lambda run: run.info.start_time)
+    assert newest.info.run_id not in {parent.info.run_id}
+    logged = {run.data.tags["rcat.child"] for run in runs if run.data.tags.get("mlflow.parentRunId") == newest.info.run_id}
+    assert {f"candidate:{m}" for m in ["new", *methods]} <= logged, logged

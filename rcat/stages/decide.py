@@ -16,6 +16,7 @@ from rcat.metrics import flip_set
 from rcat.results import EVALUATED_SPLITS, EvidenceError, Layout, load_candidates, require
 from rcat.runtime import code_revision
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json
+from rcat.stages.common import key_figures, method_params
 from rcat.tracking import Tracker
 
 Evaluations = dict[str, dict[str, dict[str, Any] | None]]
@@ -168,6 +169,17 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
             if new_flips.is_file():  # the fine-tuned candidates' tables are logged by their evaluate stage
                 with tracker.child("candidate:new", "candidate") as run:
                     run.table(flip_set(read_parquet(new_flips)), "flips/new.json")
+            # DVC may have reused evaluations made under another check (a rules-only change reruns decide alone):
+            # their candidate runs are logged here from the verified outputs, so every check is complete in MLflow
+            for name, by_split in evaluations.items():
+                if name == "new" or tracker.has_child(f"candidate:{name}") or any(v is None for v in by_split.values()):
+                    continue
+                with tracker.child(f"candidate:{name}", "candidate") as run:
+                    run.params({**method_params(params, name), "logged_by": "decide (evaluation reused by DVC)"})
+                    stored = {split: {k: v for k, v in metrics.items() if not isinstance(v, list)} for split, metrics in by_split.items() if metrics is not None}
+                    run.metrics(key_figures(params, stored))
+                    run.metrics(stored)
+                    run.artifact(layout.evaluation(name) / "flips.parquet", "flips")
             from rcat.registry import register_update_check
 
             # after decision.json is written and logged: the registry only ever reflects a recorded decision
