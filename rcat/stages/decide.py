@@ -165,21 +165,22 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
         if tracker.enabled:
             parent.figure(_tradeoff_figure(evaluations), "plots/tradeoff.png")
             parent.figure(_frontier_figure(evaluations, record), "plots/frontier.png")
-            new_flips = layout.evaluation("new") / "flips.parquet"
-            if new_flips.is_file():  # the fine-tuned candidates' tables are logged by their evaluate stage
-                with tracker.child("candidate:new", "candidate") as run:
-                    run.table(flip_set(read_parquet(new_flips)), "flips/new.json")
             # DVC may have reused evaluations made under another check (a rules-only change reruns decide alone):
             # their candidate runs are logged here from the verified outputs, so every check is complete in MLflow
             for name, by_split in evaluations.items():
-                if name == "new" or tracker.has_child(f"candidate:{name}") or any(v is None for v in by_split.values()):
+                if tracker.has_child(f"candidate:{name}") or any(v is None for v in by_split.values()):
                     continue
                 with tracker.child(f"candidate:{name}", "candidate") as run:
-                    run.params({**method_params(params, name), "logged_by": "decide (evaluation reused by DVC)"})
+                    own = {"method": "new", "loss": "none"} if name == "new" else method_params(params, name)
+                    run.params({**own, "logged_by": "decide (evaluation reused by DVC)"})
                     stored = {split: {k: v for k, v in metrics.items() if not isinstance(v, list)} for split, metrics in by_split.items() if metrics is not None}
                     run.metrics(key_figures(params, stored))
                     run.metrics(stored)
                     run.artifact(layout.evaluation(name) / "flips.parquet", "flips")
+            new_flips = layout.evaluation("new") / "flips.parquet"
+            if new_flips.is_file():  # the fine-tuned candidates' tables are logged by their evaluate stage
+                with tracker.child("candidate:new", "candidate") as run:
+                    run.table(flip_set(read_parquet(new_flips)), "flips/new.json")
             from rcat.registry import register_update_check
 
             # after decision.json is written and logged: the registry only ever reflects a recorded decision
