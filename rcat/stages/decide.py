@@ -173,7 +173,8 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
                 with tracker.child(f"candidate:{name}", "candidate") as run:
                     own = {"method": "new", "loss": "none"} if name == "new" else method_params(params, name)
                     run.params({**own, "logged_by": "decide (evaluation reused by DVC)"})
-                    stored = {split: {k: v for k, v in metrics.items() if not isinstance(v, list)} for split, metrics in by_split.items() if metrics is not None}
+                    # the evaluation's own metrics.json (verified against its evidence above): the keys its evaluate stage logs
+                    stored = {split: values for split, values in read_json(layout.evaluation(name) / "metrics.json").items() if split in EVALUATED_SPLITS}
                     run.metrics(key_figures(params, stored))
                     run.metrics(stored)
                     run.artifact(layout.evaluation(name) / "flips.parquet", "flips")
