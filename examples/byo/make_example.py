@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from my_models import digit_cnn, digit_mlp  # noqa: E402
+from my_models import digit_cnn, digit_mlp
 
 
 def write_images(root: Path) -> None:
