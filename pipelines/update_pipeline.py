@@ -230,7 +230,8 @@ def candidate_figures(project_dir: str = ".") -> tuple[dict[str, Any], list[dict
         rows.append({"candidate": "old (reference)", "chosen": False, "admissible": None, "split": split,
                      **dict.fromkeys(KEY_FIGURES),
                      "accuracy": reference.get("accuracy_old"), "robust_accuracy": reference.get("robust_accuracy_old")})
-    for name in decision.get("candidates", {}):
+    names = list(decision.get("candidates", {}))
+    for name in sorted(names, key=lambda candidate: (candidate != "new", names.index(candidate))):  # the raw update first
         values = (evaluations.get(name) or {}).get(split) or {}
         rows.append({"candidate": name, "chosen": name == chosen,
                      "admissible": decision.get("candidates", {}).get(name, {}).get("admissible"), "split": split,
