@@ -359,3 +359,18 @@ def test_a_relative_store_resolves_to_the_project_root_even_in_a_dvc_temp_worksp
     monkeypatch.chdir(tmp_path)
     assert tracking_uri(TrackingConfig(uri="sqlite:///stores/m.db?timeout=5")) == f"sqlite:///{(tmp_path / 'stores' / 'm.db').resolve().as_posix()}?timeout=5"
     assert tracking_uri(TrackingConfig(uri="http://127.0.0.1:5000")) == "http://127.0.0.1:5000"
+
+
+def test_champion_reference_without_a_pin_is_one_line(tmp_path):
+    from rcat.registry import read_champion_pin
+
+    with pytest.raises(InputError, match="no pinned champion; run 'rcat champion --pin'"):
+        read_champion_pin(tmp_path / "rcat-champion.json")
+    (tmp_path / "rcat-champion.json").write_text('{"reference": null}')
+    with pytest.raises(InputError, match="no pinned champion"):
+        read_champion_pin(tmp_path / "rcat-champion.json")
+    (tmp_path / "rcat-champion.json").write_text('{"reference": "models:/rcat-digits@champion"}')  # an alias is not a pin
+    with pytest.raises(InputError, match="no pinned champion"):
+        read_champion_pin(tmp_path / "rcat-champion.json")
+    (tmp_path / "rcat-champion.json").write_text('{"reference": "models:/rcat-digits/7"}')
+    assert read_champion_pin(tmp_path / "rcat-champion.json") == "models:/rcat-digits/7"
