@@ -67,15 +67,19 @@ TARGET_RNFR_CUT = 0.40
 
 
 def load_profile(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The params profile (a valid params.yaml, e.g. for ``rcat evaluate --params``) and its families, from
+    ``<stem>.families.yaml`` next to it (``pair``, ``families``)."""
     raw = read_yaml(path)
-    if not isinstance(raw, dict) or not isinstance(raw.get("compare"), dict):
-        sys.exit(f"{path}: needs a 'compare' section (pair, families)")
-    compare = raw.pop("compare")
-    families = compare.get("families") or {}
+    parse_params(raw, str(path))  # one-line error naming the key
+    families_path = path.with_name(f"{path.stem}.families.yaml")
+    compare = read_yaml(families_path) if families_path.is_file() else None
+    if not isinstance(compare, dict) or not isinstance(compare.get("families"), dict):
+        sys.exit(f"{families_path}: needs 'pair' and 'families' (family -> list of finetune.methods names)")
+    families = compare["families"]
     listed = [point for points in families.values() for point in points]
     methods = list((raw.get("finetune") or {}).get("methods") or {})
     if sorted(listed) != sorted(methods) or len(set(listed)) != len(listed):
-        sys.exit(f"{path}: compare.families must list every finetune.methods entry exactly once "
+        sys.exit(f"{families_path}: families must list every finetune.methods entry of {path} exactly once "
                  f"(missing {sorted(set(methods) - set(listed))}, unknown {sorted(set(listed) - set(methods))})")
     return raw, compare
 

@@ -49,7 +49,6 @@ def main() -> int:
         return 0
     per_class = 60 if args.quick else 200
     raw = read_yaml(ROOT / "benchmarks" / "profiles" / "cifar10_compare.yaml")
-    raw.pop("compare")
     with tempfile.TemporaryDirectory(prefix="rcat-grid-") as tmp:
         work = Path(tmp)
         folder = work / "cifar-subsample"
