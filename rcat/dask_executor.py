@@ -140,7 +140,8 @@ class DaskExecutor:
         from distributed import as_completed
 
         client = self._connected()
-        with dask.config.set(DASK_CONFIG):
+        # as_current: distributed's as_completed finds this client without it becoming the process-wide default
+        with dask.config.set(DASK_CONFIG), client.as_current():
             slots = self._slots(client)
             self.workers = len(slots)
             [scattered] = client.scatter([shared], broadcast=True, hash=False)
@@ -150,7 +151,8 @@ class DaskExecutor:
                     future = client.submit(_single_threaded, fn, scattered, entry[1], pure=False, workers=[worker], allow_other_workers=True)
                     return future, future
 
-                for (position, _), future in keep_slots_busy(list(enumerate(items)), slots, submit, as_completed):
+                for (position, _), future in keep_slots_busy(list(enumerate(items)), slots, submit,
+                                                             lambda futures: as_completed(futures, loop=client.loop)):
                     yield position, future.result()
             finally:
                 scattered.release()
