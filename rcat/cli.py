@@ -103,13 +103,17 @@ def with_overrides(config: Any, eps: str | None, attack: str | None, device: str
 
     from rcat.config import Params, format_validation_error
 
-    raw = config.model_dump(mode="json")
+    if eps is None and attack is None and device is None:
+        return config
+    # only what was set: defaults stay defaults (e.g. the engine's chunk size keeps adapting to the batch size)
+    raw = config.model_dump(mode="json", exclude_unset=True)
+    raw.setdefault("attack", {})
     if attack is not None:
         if attack in PRESETS:
             raw["attack"].update(preset=attack, ensemble=None)
         else:
             # APGD keeps the configured loss; APGD-T is DLR-targeted; the others take cross-entropy in torchattacks
-            loss = raw["attack"]["loss"] if attack == "apgd" else ("dlr" if attack == "apgdt" else "ce")
+            loss = raw["attack"].get("loss", "dlr") if attack == "apgd" else ("dlr" if attack == "apgdt" else "ce")
             raw["attack"].update(name=attack, loss=loss, preset=None, ensemble=None)
     if eps is not None:
         raw["attack"]["eps"] = parse_eps(eps)

@@ -219,3 +219,13 @@ def test_the_wheel_ships_the_project_template(tmp_path):
     expected |= {f"pipelines/{p.name}" for p in (REPO_ROOT / "pipelines").glob("*.py")}
     expected |= {f"stages/plot_templates/{p.name}" for p in (REPO_ROOT / "stages" / "plot_templates").glob("*.json")}
     assert shipped == expected
+
+
+def test_flags_work_on_the_built_in_defaults_outside_a_project(tmp_path, model_files, monkeypatch):
+    """No params.yaml: the defaults (paper's APGD-DLR) with --eps; the engine's unset chunk size still adapts to the batch."""
+    old, new = model_files
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["attack", "--model", str(old), "--data", "digits", "--split", "test", "--out", str(tmp_path / "o.parquet"),
+                                 "--eps", "0.05", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["attack"] == "apgd-dlr:50it:1r:Linf:eps=0.05"
