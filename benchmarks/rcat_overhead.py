@@ -52,7 +52,8 @@ def main() -> int:
     n, rounds = (1024, 1) if args.quick else (4096, args.rounds)
     with tempfile.TemporaryDirectory(prefix="rcat-overhead-") as tmp:
         images, labels, note = load_data(n // 10 + 1, Path(tmp))
-    images, labels = images[:n].contiguous(), labels[:n].contiguous()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:n]  # the folder is sorted by class
+    images, labels = images[order].contiguous(), labels[order].contiguous()
     split = Split("finetune", images, labels, torch.arange(n), 10, "cifar10")
     old, new = load_model(PAIR / "old.safetensors", "cpu"), load_model(PAIR / "new.safetensors", "cpu")
     config = FinetuneConfig(epochs=1, lr=0.01, batch_size=128, augment="crop_flip", attack=AttackConfig(name="fgsm_rs", loss="ce", eps=4 / 255),
