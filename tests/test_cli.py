@@ -223,7 +223,7 @@ def test_the_wheel_ships_the_project_template(tmp_path):
 
 def test_flags_work_on_the_built_in_defaults_outside_a_project(tmp_path, model_files, monkeypatch):
     """No params.yaml: the defaults (paper's APGD-DLR) with --eps; the engine's unset chunk size still adapts to the batch."""
-    old, new = model_files
+    old, _ = model_files
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["attack", "--model", str(old), "--data", "digits", "--split", "test", "--out", str(tmp_path / "o.parquet"),
                                  "--eps", "0.05", "--json"])
