@@ -136,7 +136,9 @@ def timed_engine(network, split, config, cache_dir: Path, chunk_size: int, seed:
     return time.perf_counter() - begin, frame
 
 
-REALISTIC_MODEL = Path(__file__).resolve().parents[1] / "docs" / "results" / "models" / "cifar10_pair" / "seed-0" / "new.safetensors"
+PAIR_DIR = Path(__file__).resolve().parents[1] / "docs" / "results" / "models" / "cifar10_pair" / "seed-0"
+"""The committed CIFAR-10 pair, seed 0 (benchmarks/train_pair.py): old.safetensors, new.safetensors."""
+REALISTIC_MODEL = PAIR_DIR / "new.safetensors"
 """The realistic model of section (d): the committed CIFAR-10 pair's new model (benchmarks/train_pair.py)."""
 
 

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PAIR = ROOT / "docs" / "results" / "models" / "cifar10_pair" / "seed-0"
+from attack_throughput import CIFAR_DIR
+from attack_throughput import PAIR_DIR as PAIR
 
 
 def main() -> int:
@@ -38,7 +39,6 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     import torch
-    from attack_throughput import CIFAR_DIR
 
     from rcat import pipeline
     from rcat.config import parse_params, read_yaml

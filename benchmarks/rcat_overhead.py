@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PAIR = ROOT / "docs" / "results" / "models" / "cifar10_pair" / "seed-0"
+from attack_throughput import CIFAR_DIR
+from attack_throughput import PAIR_DIR as PAIR
 
 
 def main() -> int:
@@ -39,7 +40,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     import torch
-    from attack_throughput import CIFAR_DIR, load_data
+    from attack_throughput import load_data
 
     from rcat.config import AttackConfig, FinetuneConfig, MethodConfig
     from rcat.data import Split

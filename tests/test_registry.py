@@ -38,6 +38,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _stop(server: subprocess.Popen) -> None:
+    """Stop a server started in its own process group, its workers with it (SIGKILL for those that outlive or ignore SIGTERM)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1; MLFLOW_TRACKING_URI points at it for the module."""
@@ -65,13 +76,7 @@ def mlflow_server(tmp_path_factory):
             patch.setenv("MLFLOW_TRACKING_URI", url)
             yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # workers that outlive the main process (or a main that hangs)
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=10)
+        _stop(server)
         log.close()
 
 
@@ -188,13 +193,7 @@ def _serve_and_predict(model_uri: str, batch, expected) -> None:
             time.sleep(0.5)
         assert predictions.shape == expected.shape and np.allclose(predictions, expected, atol=1e-5)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=10)
+        _stop(server)
         log.close()
 
 
