@@ -22,8 +22,9 @@ rules          ``decision.rules`` (:class:`rcat.config.DecisionRules`): the fiel
 Prefect validates each parameter against rcat's own pydantic models; the flow then validates the
 whole overridden file with :mod:`rcat.config`, so a bad value fails the run at once, before any
 stage, and is never retried. The file is rewritten only when an override changes it, atomically,
-through ruamel's round-trip YAML and DVC's own ``apply_diff`` (so comments and layout of the keys
-left alone survive, as with ``dvc exp run -S``); the previous file is kept in
+with the overrides ``dvc exp run -S`` would take, applied by the function behind it (DVC's
+``dvc.utils.hydra.apply_overrides``; comments and layout of the keys left alone survive, and the
+run prints the equivalent ``dvc exp run -S ...`` command); the previous file is kept in
 ``.rcat_cache/update-check/params.yaml.bak``. The overrides therefore persist: ``dvc repro`` and
 ``dvc params diff`` see exactly what the flow ran.
 
@@ -43,9 +44,10 @@ schedule and runs its flow runs; or ``prefect deploy`` plus a worker (see README
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -109,47 +111,97 @@ def overridden_params(raw: dict[str, Any], champion: str | None = None, candidat
     return params
 
 
+_MISSING = object()
+
+
 def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two parsed YAML trees (added and removed keys included)."""
     if isinstance(before, dict) and isinstance(after, dict):
         keys = list(dict.fromkeys([*before, *after]))
-        return [k for key in keys for k in changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")]
-    return [] if before == after else [prefix.rstrip(".")]
+        return [k for key in keys for k in changed_keys(before.get(key, _MISSING), after.get(key, _MISSING), f"{prefix}{key}.")]
+    return [] if before is after or (before is not _MISSING and after is not _MISSING and before == after) else [prefix.rstrip(".")]
 
 
-def write_params(path: Path, params: dict[str, Any], backup: Path | None = None) -> None:
-    """Rewrite ``path`` as ``params``, keeping the comments and layout of every key left alone.
+_HYDRA_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
-    ruamel's round-trip loader keeps comments; DVC's ``apply_diff`` (the function DVC uses to
-    rewrite ``dvc.yaml``) changes only the values that differ. The old file is copied to
-    ``backup`` first; both writes are atomic (temporary file, then rename).
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar (what ``dvc exp run -S key=VALUE`` takes): strings quoted, ``null``, lists, dicts."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str) or not _HYDRA_KEY.match(key):
+                raise ConfigError(f"{PARAMS_FILE}: key {key!r} cannot be set through DVC's -S overrides; use letters, digits, '_' and '-'")
+        return "{" + ",".join(f"{key}:{hydra_value(item)}" for key, item in value.items()) + "}"
+    raise ConfigError(f"{PARAMS_FILE}: a value of type {type(value).__name__} cannot be written to params.yaml")
+
+
+def set_param_overrides(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The ``dvc exp run -S`` overrides that turn ``before`` into ``after``: ``key=v`` (changed), ``+key=v`` (new), ``~key`` (removed)."""
+    overrides = []
+    for dotted in changed_keys(before, after):
+        for key in dotted.split("."):
+            if not _HYDRA_KEY.match(key):
+                raise ConfigError(f"{PARAMS_FILE}: key {dotted!r} cannot be set through DVC's -S overrides; use letters, digits, '_' and '-'")
+        old, new = _lookup(before, dotted), _lookup(after, dotted)
+        if new is _MISSING:
+            overrides.append(f"~{dotted}")
+        elif old is _MISSING:
+            overrides.append(f"+{dotted}={hydra_value(new)}")
+        else:
+            overrides.append(f"{dotted}={hydra_value(new)}")
+    return overrides
+
+
+def write_params(path: Path, params: dict[str, Any], backup: Path | None = None) -> list[str]:
+    """Rewrite ``path`` as ``params`` the way ``dvc exp run -S`` does; returns the overrides applied.
+
+    The overrides (:func:`set_param_overrides`) go through DVC's own ``dvc.utils.hydra.apply_overrides``,
+    the function behind ``dvc exp run --set-param``, so comments and the layout of every key left
+    alone survive as they do there. It runs on a copy beside the file; the copy must read back as
+    ``params`` (else :class:`rcat.errors.ConfigError`, file unchanged), then the old file is copied
+    to ``backup`` and the copy renamed over it (both writes atomic).
     """
-    from dvc.utils.collections import apply_diff
-    from ruamel.yaml import YAML
-    from ruamel.yaml.representer import RoundTripRepresenter
-
-    class Representer(RoundTripRepresenter):
-        """ruamel writes None as an empty value; params.yaml spells it ``null`` (a subclass: no global change)."""
-
-    Representer.add_representer(type(None), lambda self, _: self.represent_scalar("tag:yaml.org,2002:null", "null"))
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
     text = path.read_text(encoding="utf-8")
-    round_trip = YAML(typ="rt")
-    round_trip.Representer = Representer
-    round_trip.preserve_quotes = True
-    round_trip.width = 4096  # never fold a long flow mapping onto two lines
-    document = round_trip.load(text)
-    apply_diff(params, document)
-    buffer = io.StringIO()
-    round_trip.dump(document, buffer)
-    rendered = buffer.getvalue()
-    if yaml.safe_load(rendered) != params:  # never write a file that reads back differently
-        raise RuntimeError(f"{path}: the rewritten file does not read back as the overridden params; file left unchanged")
-    if backup is not None:
-        with atomic_path(backup) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+    overrides = set_param_overrides(yaml.safe_load(text), params)
     with atomic_path(path) as tmp:
+        draft = tmp.with_suffix(".yaml")  # DVC picks its YAML writer by the file's suffix
+        try:
+            draft.write_text(text, encoding="utf-8")
+            try:
+                dvc_apply_overrides(draft, overrides)
+            except InvalidArgumentError as error:
+                raise ConfigError(f"{path}: DVC refused the overrides {' '.join(overrides)} ({error.__cause__ or error}); file left unchanged") from None
+            rendered = draft.read_text(encoding="utf-8")
+        finally:
+            draft.unlink(missing_ok=True)
+        if yaml.safe_load(rendered) != params:  # never write a file that reads back differently
+            raise ConfigError(f"{path}: the rewritten file does not read back as the overridden params; file left unchanged")
+        if backup is not None:
+            with atomic_path(backup) as saved:
+                saved.write_text(text, encoding="utf-8")
         tmp.write_text(rendered, encoding="utf-8")
+    return overrides
 
 
 def _tracking_uri(raw: dict[str, Any], project_dir: str) -> str:
@@ -188,8 +240,9 @@ def apply_overrides(project_dir: str, champion: str | None = None, candidate: st
     parse_params(params, f"{path} with the update-check overrides")  # ConfigError names the key
     changed = changed_keys(raw, params)
     if changed:
-        write_params(path, params, backup=Path(project_dir) / BACKUP_FILE)
-        print(f"{path}: set {', '.join(changed)} (previous file in {BACKUP_FILE})")
+        overrides = write_params(path, params, backup=Path(project_dir) / BACKUP_FILE)
+        print(f"{path}: set {', '.join(changed)} (previous file in {BACKUP_FILE}); "
+              f"the same as: dvc exp run {' '.join('-S ' + shlex.quote(override) for override in overrides)}")
     else:
         print(f"{path}: unchanged by the overrides")
     return changed

@@ -1,7 +1,9 @@
 """The rcat pipeline as a Prefect 3 flow that shares DVC's outputs, lock file and cache.
 
 Each task runs ``dvc repro --single-item <target>`` for one stage of ``dvc.yaml`` (or one
-``foreach`` group, whose items DVC expands itself), in the pipeline's order. DVC decides what is
+``foreach`` group, whose items DVC expands itself), in the pipeline's order, through DVC's Python
+API (``Repo.reproduce``, in a child process: :mod:`pipelines.dvc_repro`), which returns the
+stages it reproduced; no output of DVC's is parsed. DVC decides what is
 stale, so running the flow after ``dvc repro`` recomputes nothing, and ``dvc repro`` after the
 flow finds everything up to date. The flow never computes anything itself; Prefect adds run
 history, logs and artifacts: the update decision as markdown (key ``rcat-decision``), the
@@ -17,10 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,35 +46,33 @@ TRANSIENT_EXIT_CODES = frozenset({EXIT_TRACKING})
 TRACKING_RETRY_DELAYS_SECONDS: list[float] = [60.0, 300.0]
 """Waits before the retries of a stage that failed with a transient exit code (one retry per entry).
 The stage's own MLflow client already retries for seconds; these cover a server restart."""
-LOCK_ERROR = "Unable to acquire lock"
 LOCK_RETRY_DELAY_SECONDS = 5.0
-"""One retry, only for DVC's repo-lock error (DVC itself already waits ~3 s before giving up)."""
+"""One retry, only when another DVC process held the repository lock (DVC itself already waits ~3 s before giving up)."""
 STDERR_TAIL_LINES = 15
-
-_RAN = re.compile(r"^Running stage '([^']+)'")
-_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
-_CACHED = re.compile(r"^Stage '([^']+)' is cached - skipping run")
-_STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
+DVC_REPRO_SCRIPT = Path(__file__).with_name("dvc_repro.py")
+"""Runs DVC's Python API (``Repo.reproduce``) in a child process and writes what it did as JSON."""
 
 
 class StageFailed(RuntimeError):
-    """``dvc repro`` exited non-zero; the message ends with the last lines of DVC's stderr.
+    """A ``dvc repro`` child failed; the message is DVC's error, then the last lines of the stages' output.
 
-    ``stage_exit_code`` is the exit code of the stage's own command, read from DVC's
-    ``failed to run: <cmd>, exited with N`` (None when DVC itself failed, e.g. a bad ``dvc.yaml``).
+    ``stage_exit_code`` is the exit status of the stage's own command, from DVC's
+    ``StageCmdFailedError`` (None when DVC itself failed, e.g. a bad ``dvc.yaml``); ``lock`` is
+    True when another DVC process held the repository lock.
     """
 
-    def __init__(self, target: str, returncode: int, stderr: str) -> None:
+    def __init__(self, target: str, message: str, output: str = "", stage_exit_code: int | None = None, lock: bool = False) -> None:
         self.target = target
-        self.returncode = returncode
-        self.stderr = stderr
-        self.stderr_tail = tail(stderr)
-        found = _STAGE_EXIT.findall(stderr)
-        self.stage_exit_code: int | None = int(found[-1]) if found else None
-        super().__init__(f"dvc repro --single-item {target} failed with exit code {returncode}:\n{self.stderr_tail}")
+        self.dvc_message = message
+        self.output = output
+        self.output_tail = tail(output)
+        self.stage_exit_code = stage_exit_code
+        self.lock = lock
+        details = f"\n{self.output_tail}" if self.output_tail else ""
+        super().__init__(f"dvc repro --single-item {target} failed: {message}{details}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable with its own arguments (Prefect may serialise failures)
-        return (type(self), (self.target, self.returncode, self.stderr))
+        return (type(self), (self.target, self.dvc_message, self.output, self.stage_exit_code, self.lock))
 
     @property
     def transient(self) -> bool:
@@ -90,51 +89,34 @@ def tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
-def parse_dvc_output(text: str) -> dict[str, list[str]]:
-    """Stages DVC ran, skipped (unchanged or restored from the run-cache) and restored, in order."""
-    ran: list[str] = []
-    skipped: list[str] = []
-    restored: list[str] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if match := _RAN.match(line):
-            ran.append(match.group(1))
-        elif match := _SKIPPED.match(line):
-            skipped.append(match.group(1))
-        elif match := _CACHED.match(line):
-            skipped.append(match.group(1))
-            restored.append(match.group(1))
-    return {"ran": ran, "skipped": skipped, "restored": restored}
-
-
-def dvc_executable() -> str:
-    """The ``dvc`` next to this interpreter (its environment's), else the one on PATH."""
-    beside = Path(sys.executable).parent / ("dvc.exe" if os.name == "nt" else "dvc")
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("dvc")
-    if found is None:
-        raise RuntimeError(f"dvc not found next to {sys.executable} nor on PATH; install the project's environment")
-    return found
-
-
 def dvc_env() -> dict[str, str]:
     """The environment for DVC: stage commands (``python stages/...``) must resolve to this interpreter."""
     bin_dir = str(Path(sys.executable).parent)
     return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
 
 
-def run_dvc(args: list[str], project_dir: str) -> subprocess.CompletedProcess[str]:
-    """Run ``dvc <args>`` in ``project_dir`` and capture its output."""
-    return subprocess.run([dvc_executable(), *args], cwd=project_dir, env=dvc_env(), capture_output=True, text=True, check=False)
+def run_dvc(args: list[str], project_dir: str) -> dict[str, Any]:
+    """Run :mod:`pipelines.dvc_repro` with ``args`` in ``project_dir``; its JSON result plus ``"output"`` (stdout and stderr).
+
+    Raises :class:`StageFailed` when the child wrote no result (it crashed before Python could report).
+    """
+    with tempfile.TemporaryDirectory(prefix="rcat-dvc-") as scratch:
+        result_file = Path(scratch) / "result.json"
+        process = subprocess.run([sys.executable, str(DVC_REPRO_SCRIPT), "--result", str(result_file), *args],
+                                 cwd=project_dir, env=dvc_env(), capture_output=True, text=True, check=False)
+        output = process.stdout + process.stderr
+        if not result_file.is_file():
+            raise StageFailed(args[-1], f"{DVC_REPRO_SCRIPT.name} exited with {process.returncode} and reported nothing", output)
+        return {**json.loads(result_file.read_text(encoding="utf-8")), "output": output}
 
 
 def list_stages(project_dir: str) -> list[str]:
     """Every stage of the project's ``dvc.yaml`` (foreach items expanded), as ``dvc stage list`` names them."""
-    result = run_dvc(["stage", "list", "--name-only"], project_dir)
-    if result.returncode != 0:
-        raise StageFailed("(stage list)", result.returncode, result.stderr)
-    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    result = run_dvc(["--list"], project_dir)
+    if result.get("stages") is None:
+        error = result.get("error") or {}
+        raise StageFailed("(stage list)", error.get("message", "DVC could not list the stages"), result["output"])
+    return list(result["stages"])
 
 
 def check_targets_cover(stages: list[str], targets: tuple[str, ...] = STAGE_TARGETS + OPTIONAL_TARGETS) -> None:
@@ -172,26 +154,28 @@ def retry_on_transient_failure(task: Any, task_run: Any, state: Any) -> bool:
       retries=len(TRACKING_RETRY_DELAYS_SECONDS), retry_delay_seconds=TRACKING_RETRY_DELAYS_SECONDS,
       retry_condition_fn=retry_on_transient_failure)
 def reproduce(target: str, project_dir: str = ".", force: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item <target>``: DVC reruns the target only if its inputs changed.
+    """``dvc repro --single-item <target>`` through DVC's API (``Repo.reproduce``): DVC reruns the target only if its inputs changed.
 
-    Returns ``{"target", "ran", "skipped", "restored"}`` parsed from DVC's output. Raises
-    :class:`StageFailed` (a RuntimeError with DVC's stderr tail) on failure. Prefect retries the
-    task only when the stage exited with a transient code (tracking store down, see
-    :func:`retry_on_transient_failure`); inside an attempt, DVC's repo-lock error is retried once.
+    Returns ``{"target", "ran", "skipped", "restored"}``: the stages DVC ran, skipped (up to date or
+    restored from its run-cache) and restored, in ``dvc.yaml`` order. Raises :class:`StageFailed`
+    (DVC's error and the tail of the stages' output) on failure. Prefect retries the task only when
+    the stage exited with a transient code (tracking store down, see
+    :func:`retry_on_transient_failure`); inside an attempt, DVC's repository lock is retried once.
     """
-    args = ["repro", "--single-item", *(["--force"] if force else []), target]
+    args = [*(["--force"] if force else []), target]
     for attempt in (1, 2):
         result = run_dvc(args, project_dir)
-        if result.returncode == 0:
+        error = result.get("error")
+        if error is None:
             break
-        if attempt == 1 and LOCK_ERROR in result.stderr:
+        if attempt == 1 and error.get("lock"):
             print(f"{target}: the DVC repository is locked by another process; retrying once in {LOCK_RETRY_DELAY_SECONDS:g} s")
             time.sleep(LOCK_RETRY_DELAY_SECONDS)
             continue
-        raise StageFailed(target, result.returncode, result.stderr)
-    report = parse_dvc_output(result.stdout)
+        raise StageFailed(target, error.get("message", "DVC failed"), result["output"], error.get("stage_exit_code"), bool(error.get("lock")))
+    report = {key: list(result[key]) for key in ("ran", "skipped", "restored")}
     if not report["ran"] and not report["skipped"]:
-        raise RuntimeError(f"dvc repro --single-item {target} reported no stage (has DVC's output format changed?):\n{tail(result.stdout)}")
+        raise RuntimeError(f"dvc repro --single-item {target}: DVC found no stage for this target in dvc.yaml")
     print(f"{target}: ran {', '.join(report['ran']) or 'nothing'}; skipped {', '.join(report['skipped']) or 'nothing'}"
           + (f" (restored from the run-cache: {', '.join(report['restored'])})" if report["restored"] else ""))
     return {"target": target, **report}

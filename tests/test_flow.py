@@ -16,26 +16,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `pipelines` is not an installed package; plain `pytest` does not add the root
     sys.path.insert(0, str(REPO_ROOT))
 
+from pipelines import dvc_repro
 from pipelines import update_pipeline as flow_module
-from pipelines.update_pipeline import StageFailed, parse_dvc_output, reproduce, update_pipeline
-
-CANNED_REPRO_OUTPUT = """\
-Stage 'finetune@at' didn't change, skipping
-Running stage 'finetune@pct':
-> python stages/finetune.py pct
-Updating lock file 'dvc.lock'
-
-Stage 'finetune@pct_at' is cached - skipping run, checking out outputs
-Running stage 'finetune@rcat':
-> python stages/finetune.py rcat
-Updating lock file 'dvc.lock'
-'data/raw.csv.dvc' didn't change, skipping
-
-To track the changes with git, run:
-
-\tgit add dvc.lock
-Use `dvc push` to send your updates to remote storage.
-"""
+from pipelines.update_pipeline import StageFailed, reproduce, update_pipeline
 
 
 def dvc(work: Path, *args: str) -> str:
@@ -62,14 +45,6 @@ def read_decision(work: Path) -> dict:
 # ---------------------------------------------------------------- fast: parsing and failure paths
 
 
-def test_parse_dvc_output_sorts_stages_into_ran_and_skipped():
-    report = parse_dvc_output(CANNED_REPRO_OUTPUT)
-    assert report == {"ran": ["finetune@pct", "finetune@rcat"],
-                      "skipped": ["finetune@at", "finetune@pct_at"],  # unchanged, and restored from the run-cache
-                      "restored": ["finetune@pct_at"]}
-    assert parse_dvc_output("Data and pipelines are up to date.\n") == {"ran": [], "skipped": [], "restored": []}
-
-
 def test_failing_stage_raises_with_the_stages_one_line_error(pipeline_workspace):
     """A params.yaml that DVC can read but rcat rejects: the task raises with rcat's own message."""
     work = pipeline_workspace
@@ -79,45 +54,84 @@ def test_failing_stage_raises_with_the_stages_one_line_error(pipeline_workspace)
     with pytest.raises(RuntimeError) as raised:
         reproduce.fn("prepare", str(work))
     message = str(raised.value)
-    assert isinstance(raised.value, StageFailed) and raised.value.returncode != 0
+    assert isinstance(raised.value, StageFailed) and raised.value.stage_exit_code == 2  # EXIT_BAD_INPUT, not retried
     assert "rcat: error: params.yaml: bad value for 'data.source'" in message
     assert "unknown data source 'nosuch'" in message
-    assert "failed to reproduce 'prepare'" in message  # DVC's own last line
+    assert "failed to reproduce 'prepare'" in message  # DVC's own error
     assert not (work / "data/prepared").exists()
 
 
-def fake_dvc(monkeypatch, *results: tuple[int, str, str]) -> list[list[str]]:
-    """Replace the DVC subprocess by canned (returncode, stdout, stderr) results; returns the calls made."""
+def fake_dvc(monkeypatch, *results: dict) -> list[list[str]]:
+    """Replace the DVC child process by canned results (as pipelines/dvc_repro.py writes them); returns the calls made."""
     calls: list[list[str]] = []
     queue = list(results)
 
     def run(args, project_dir):
         calls.append(args)
-        code, out, err = queue.pop(0)
-        return subprocess.CompletedProcess(["dvc", *args], code, out, err)
+        return {"ran": [], "skipped": [], "restored": [], "error": None, "output": "", **queue.pop(0)}
 
     monkeypatch.setattr(flow_module, "run_dvc", run)
     monkeypatch.setattr(flow_module, "LOCK_RETRY_DELAY_SECONDS", 0.0)
     return calls
 
 
-LOCKED = "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated abruptly.\n"
+LOCKED = {"error": {"message": "Unable to acquire lock. Most likely another DVC process is running", "stage_exit_code": None, "lock": True}}
 
 
 def test_only_a_lock_error_is_retried_once(monkeypatch):
-    calls = fake_dvc(monkeypatch, (255, "", LOCKED), (0, "Running stage 'decide':\n", ""))
+    calls = fake_dvc(monkeypatch, LOCKED, {"ran": ["decide"]})
     assert reproduce.fn("decide", ".", force=True) == {"target": "decide", "ran": ["decide"], "skipped": [], "restored": []}
-    assert calls == [["repro", "--single-item", "--force", "decide"]] * 2
+    assert calls == [["--force", "decide"]] * 2
 
-    calls = fake_dvc(monkeypatch, (255, "", LOCKED), (255, "", LOCKED))
-    with pytest.raises(StageFailed, match="Unable to acquire lock"):
+    calls = fake_dvc(monkeypatch, LOCKED, LOCKED)
+    with pytest.raises(StageFailed, match="Unable to acquire lock") as raised:
         reproduce.fn("decide", ".")
-    assert len(calls) == 2
+    assert len(calls) == 2 and raised.value.lock
 
-    calls = fake_dvc(monkeypatch, (255, "Running stage 'decide':\n", "rcat: error: boom\nERROR: failed to reproduce 'decide'\n"))
-    with pytest.raises(StageFailed, match="rcat: error: boom"):
+    failing = {"error": {"message": "failed to reproduce 'decide': failed to run: python stages/decide.py, exited with 2",
+                         "stage_exit_code": 2, "lock": False}, "output": "rcat: error: boom\n"}
+    calls = fake_dvc(monkeypatch, failing)
+    with pytest.raises(StageFailed, match="rcat: error: boom") as raised:
         reproduce.fn("decide", ".")
-    assert calls == [["repro", "--single-item", "decide"]]  # a failing stage is not retried
+    assert calls == [["decide"]] and raised.value.stage_exit_code == 2 and not raised.value.transient  # not retried
+
+
+def test_dvc_api_child_reports_ran_skipped_and_restored(pipeline_workspace):
+    """pipelines/dvc_repro.py against a real project: what ran, what was up to date, what DVC's run-cache restored."""
+    work = pipeline_workspace
+    assert "prepare" in flow_module.list_stages(str(work)) and "finetune@at" in flow_module.list_stages(str(work))
+    first = flow_module.run_dvc(["prepare"], str(work))
+    assert (first["ran"], first["skipped"], first["restored"], first["error"]) == (["prepare"], [], [], None)
+    again = flow_module.run_dvc(["prepare"], str(work))
+    assert (again["ran"], again["skipped"], again["restored"]) == ([], ["prepare"], [])
+    lock = (work / "dvc.lock").read_text()
+    original = yaml.safe_load((work / "params.yaml").read_text())["data"]["test_fraction"]
+    set_param(work, "data.test_fraction", round(original - 0.05, 4))
+    changed = flow_module.run_dvc(["prepare"], str(work))
+    assert (changed["ran"], changed["error"]) == (["prepare"], None), (changed["error"], changed["output"][-1500:])
+    assert (work / "dvc.lock").read_text() != lock
+    set_param(work, "data.test_fraction", original)
+    restored = flow_module.run_dvc(["prepare"], str(work))  # back to the first params: DVC's run-cache has the outputs
+    assert (restored["ran"], restored["skipped"], restored["restored"]) == ([], ["prepare"], ["prepare"])
+    assert (work / "dvc.lock").read_text() == lock
+
+
+def test_dvc_api_child_reads_the_stage_exit_code():
+    from dvc.exceptions import ReproductionError
+    from dvc.lock import LockError
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    try:
+        try:
+            raise StageCmdFailedError("python stages/decide.py", 4)
+        except StageCmdFailedError as cause:
+            raise ReproductionError("failed to reproduce 'decide'") from cause
+    except ReproductionError as error:
+        described = dvc_repro.describe_error(error)
+    assert described == {"message": "failed to reproduce 'decide': failed to run: python stages/decide.py, exited with 4",
+                         "stage_exit_code": 4, "lock": False}
+    assert dvc_repro.describe_error(LockError("Unable to acquire lock"))["lock"]
+    assert dvc_repro.describe_error(ReproductionError("bad dvc.yaml"))["stage_exit_code"] is None
 
 
 # ---------------------------------------------------------------- slow: the real pipeline, flow and dvc repro in turn

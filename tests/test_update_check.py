@@ -60,7 +60,7 @@ def test_overrides_merge_given_fields_and_replace_methods(params_file):
     assert "preset" not in with_preset["attack"] and with_preset["attack"]["ensemble"][0]["name"] == "fgsm"
 
 
-def test_apply_overrides_rewrites_only_changes_keeping_comments(params_file):
+def test_apply_overrides_rewrites_params_as_dvc_exp_run_set_param_does(params_file):
     project = str(params_file.parent)
     original = params_file.read_text()
     raw = yaml.safe_load(original)
@@ -74,14 +74,40 @@ def test_apply_overrides_rewrites_only_changes_keeping_comments(params_file):
     # every comment of the file survives, and only the two changed lines differ
     comments = [line.split("#", 1)[1] for line in original.splitlines() if "#" in line]
     assert all(comment in text for comment in comments)
-    differing = [(a, b) for a, b in zip(original.splitlines(), text.splitlines()) if a != b]
-    assert len(original.splitlines()) == len(text.splitlines()) and len(differing) == 2
+    # byte for byte what `dvc exp run -S` leaves (DVC's own writer: it renders null as an empty value)
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    by_dvc = params_file.parent / "by-dvc.yaml"
+    by_dvc.write_text(original)
+    dvc_apply_overrides(by_dvc, ["train_old.reference='models:/digits/3'", "decision.rules.max_rnfr=0.1"])
+    assert text == by_dvc.read_text()
     assert (params_file.parent / check_module.BACKUP_FILE).read_text() == original
 
     # the same overrides again: nothing to change, the file is not rewritten
     before = params_file.stat().st_mtime_ns
     assert apply_overrides.fn(project, champion="models:/digits/3") == []
     assert params_file.stat().st_mtime_ns == before
+
+
+def test_overrides_are_dvc_exp_run_set_params():
+    """The overrides are what ``dvc exp run -S`` takes, hand-written here, and DVC's own function applies them."""
+    before = {"a": {"b": 1, "c": "x", "gone": True}, "m": {"at": {"loss": "at"}, "pct": {"loss": "pct"}}}
+    after = {"a": {"b": 0.5, "c": "models:/it's/3", "new": None}, "m": {"rcat": {"loss": "rcat", "alpha": 0.5}}}
+    assert check_module.set_param_overrides(before, after) == [
+        "a.b=0.5", "a.c='models:/it\\'s/3'", "~a.gone", "+a.new=null", "~m.at", "~m.pct", "+m.rcat={loss:'rcat',alpha:0.5}"]
+    assert check_module.set_param_overrides(before, before) == []
+    with pytest.raises(ConfigError, match="key 'a.b c'"):
+        check_module.set_param_overrides({"a": {"b c": 1}}, {"a": {"b c": 2}})
+
+
+def test_write_params_replaces_the_method_list_through_dvc(params_file):
+    raw = yaml.safe_load(params_file.read_text())
+    wanted = overridden_params(raw, methods={"rcat": MethodConfig(loss="rcat", alpha=0.25, beta=0.5)})
+    overrides = check_module.write_params(params_file, wanted)
+    assert yaml.safe_load(params_file.read_text()) == wanted
+    assert any(override.startswith("+finetune.methods.rcat=") or override.startswith("finetune.methods.rcat.") for override in overrides)
+    assert sorted(load_params(params_file).finetune.methods) == ["rcat"]
+    assert not list(params_file.parent.glob(".params.yaml.*"))  # no draft left beside the file
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -110,31 +136,26 @@ def fake_project(params_file: Path) -> Path:
 
 
 def fake_dvc(monkeypatch, failures: dict[str, list[int]]) -> list[str]:
-    """Replace DVC: ``stage list`` names STAGES; ``repro`` of a target fails with the next stage exit code
-    listed for it (as DVC reports it), then succeeds. Returns the repro targets, in call order."""
+    """Replace DVC's child process (pipelines/dvc_repro.py): ``--list`` names STAGES; a target fails with the
+    next stage exit code listed for it (as DVC reports it), then succeeds. Returns the repro targets, in call order."""
     calls: list[str] = []
 
     def run(args, project_dir):
-        if args[:2] == ["stage", "list"]:
-            return subprocess.CompletedProcess(args, 0, "\n".join(STAGES) + "\n", "")
+        if args == ["--list"]:
+            return {"stages": list(STAGES), "output": ""}
         target = args[-1]
         calls.append(target)
         if failures.get(target):
             code = failures[target].pop(0)
-            err = f"rcat: error: boom\nERROR: failed to reproduce '{target}': failed to run: python stages/{target}.py, exited with {code}\n"
-            return subprocess.CompletedProcess(args, 255, f"Running stage '{target}':\n", err)
+            error = {"message": f"failed to reproduce '{target}': failed to run: python stages/{target}.py, exited with {code}",
+                     "stage_exit_code": code, "lock": False}
+            return {"ran": [], "skipped": [], "restored": [], "error": error, "output": "rcat: error: boom\n"}
         names = [stage for stage in STAGES if stage.split("@")[0] == target]
-        return subprocess.CompletedProcess(args, 0, "".join(f"Stage '{name}' didn't change, skipping\n" for name in names), "")
+        return {"ran": [], "skipped": names, "restored": [], "error": None, "output": ""}
 
     monkeypatch.setattr(pipeline_module, "run_dvc", run)
     monkeypatch.setattr(pipeline_module.reproduce, "retry_delay_seconds", [0.0, 0.0])
     return calls
-
-
-def test_stage_exit_code_is_read_from_dvc():
-    failed = pipeline_module.StageFailed("decide", 255, "ERROR: failed to reproduce 'decide': failed to run: python stages/decide.py, exited with 4\n")
-    assert failed.stage_exit_code == 4 and failed.transient
-    assert pipeline_module.StageFailed("decide", 255, "ERROR: bad dvc.yaml\n").stage_exit_code is None
 
 
 def test_tracking_failure_is_retried_bad_input_is_not(prefect_harness, params_file, monkeypatch):
