@@ -3,9 +3,16 @@ session-scoped Prefect test harness (a temporary PREFECT_HOME, never the user's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -168,3 +175,54 @@ def copy_evaluated(source: Path, destination: Path) -> Path:
     """A private copy of :func:`evaluated_project` (data, params and the attack cache)."""
     shutil.copytree(source, destination)
     return destination
+
+
+# ---------------------------------------------------------------- a real MLflow tracking server
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_process_group(server: subprocess.Popen) -> None:
+    """Stop a server started in its own process group, its workers with it (SIGKILL for those that outlive or ignore SIGTERM)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, backend_store_uri: str | None = None) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 (a free port, one web worker, artifacts under ``root``); yields its URL, always stops it.
+
+    ``backend_store_uri`` defaults to a new SQLite store in ``root``.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+    with log_path.open("w") as log:
+        # its own process group: the server spawns its web workers, and stop_process_group stops them all
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                        if answer.status == 200:
+                            break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            stop_process_group(server)

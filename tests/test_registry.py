@@ -7,11 +7,7 @@ digits with tiny models, one fine-tune method and a 5-step attack.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import reduced_params
+from conftest import free_port, reduced_params, stop_process_group
+from conftest import mlflow_server as start_mlflow_server
 
 EXPERIMENT = "rcat-registry-test"
 MODEL_NAME = "rcat-registry-test"
@@ -32,52 +29,12 @@ LAX_RULES = {"max_nfr": None, "max_rnfr": None, "min_accuracy_delta": None, "min
 IMPOSSIBLE_RULES = LAX_RULES | {"min_accuracy_delta": 1.0}  # no candidate gains 100 points of accuracy
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """Stop a server started in its own process group, its workers with it (SIGKILL for those that outlive or ignore SIGTERM)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1; MLFLOW_TRACKING_URI points at it for the module."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
-    # its own process group: the server spawns its web workers, and the finalizer stops them all
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("MLFLOW_TRACKING_URI", url)
-            yield url
-    finally:
-        _stop(server)
-        log.close()
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
 
 
 def _perturbed(network, spec, path: Path, seed: int) -> Path:
@@ -172,7 +129,7 @@ def _serve_and_predict(model_uri: str, batch, expected) -> None:
     """``mlflow models serve`` (this environment, one worker) on 127.0.0.1 answers /invocations with the class scores."""
     import numpy as np
 
-    port = _free_port()
+    port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
@@ -193,7 +150,7 @@ def _serve_and_predict(model_uri: str, batch, expected) -> None:
             time.sleep(0.5)
         assert predictions.shape == expected.shape and np.allclose(predictions, expected, atol=1e-5)
     finally:
-        _stop(server)
+        stop_process_group(server)
         log.close()
 
 
@@ -417,7 +374,7 @@ def test_alias_references_are_pinned_to_the_version_they_point_at(tmp_path, monk
         pin_alias("models:/m@nope", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(TrackingUnavailable, match="did not answer"):
-        pin_alias("models:/m@champion", f"http://127.0.0.1:{_free_port()}")
+        pin_alias("models:/m@champion", f"http://127.0.0.1:{free_port()}")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     result = CliRunner().invoke(app, ["champion", "--name", "m"])
