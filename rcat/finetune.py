@@ -24,6 +24,9 @@ from rcat.errors import TrainingFailed
 from rcat.losses import LossTerms, at_loss, pct_loss, rcat_loss
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+"""Called after each epoch with its number (from 1) and the epoch's mean loss terms and training accuracy."""
+BatchCallback = Callable[[int, dict[str, float]], None]
+"""Called after each optimiser step with the batch's size and its loss terms and training accuracy."""
 
 ADVERSARIAL_LOSSES = {"at", "pct_at", "rcat"}
 
@@ -47,6 +50,7 @@ def _epochs(
     device: torch.device,
     step: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[LossTerms, torch.Tensor]],
     on_epoch: EpochCallback | None,
+    on_batch: BatchCallback | None = None,
     augment: str = "none",
     lr_schedule: str = "constant",
     weight_decay: float = 0.0,
@@ -85,6 +89,8 @@ def _epochs(
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value * len(batch)
             seen += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch), values)
         summary = {key: value / seen for key, value in sums.items()}
         if not math.isfinite(summary["loss"]):
             raise TrainingFailed(f"{label}: training diverged at epoch {epoch + 1} of {epochs} (mean loss {summary['loss']}); "
@@ -143,7 +149,7 @@ def warmed_up(attack: AttackConfig, fraction: float) -> AttackConfig:
 
 
 def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, device: torch.device, on_epoch: EpochCallback | None = None,
-                      label: str = "training") -> TrainingHistory:
+                      label: str = "training", on_batch: BatchCallback | None = None) -> TrainingHistory:
     """Adversarial training from scratch: CE on the training attack's points (Madry et al. with PGD by default)."""
     network.to(device)
     steps_per_epoch = math.ceil(len(split) / config.batch_size)
@@ -161,7 +167,7 @@ def adversarial_train(network: nn.Module, split: Split, config: TrainConfig, dev
 
     return _epochs(
         network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
-        seed=config.seed, device=device, step=step, on_epoch=on_epoch,
+        seed=config.seed, device=device, step=step, on_epoch=on_epoch, on_batch=on_batch,
         augment=config.augment, lr_schedule=config.lr_schedule, weight_decay=config.weight_decay, label=label,
     )
 
@@ -204,6 +210,7 @@ def finetune(
     on_epoch: EpochCallback | None = None,
     old_robust: torch.Tensor | None = None,
     label: str = "fine-tuning",
+    on_batch: BatchCallback | None = None,
 ) -> tuple[nn.Module, TrainingHistory]:
     """Fine-tune a copy of ``new_network`` with ``method``'s loss; ``old_network`` and a frozen copy
     of the new network provide the reference logits. Returns the fine-tuned network (eval mode).
@@ -242,7 +249,7 @@ def finetune(
 
     history = _epochs(
         network, split, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
-        seed=config.seed, device=device, step=step, on_epoch=on_epoch, label=label,
+        seed=config.seed, device=device, step=step, on_epoch=on_epoch, on_batch=on_batch, label=label,
         augment=config.augment, lr_schedule=config.lr_schedule, weight_decay=config.weight_decay,
     )
     return network, history

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -229,3 +230,34 @@ def test_flags_work_on_the_built_in_defaults_outside_a_project(tmp_path, model_f
                                  "--eps", "0.05", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["attack"] == "apgd-dlr:50it:1r:Linf:eps=0.05"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_training_progress_lines_and_terminal_bar(digits_splits, terminal):
+    """One line per epoch everywhere; on a terminal also a bar through each epoch with the running loss, accuracy and samples/s."""
+    from rcat.config import AttackConfig, TrainConfig
+    from rcat.finetune import adversarial_train
+    from rcat.models import ModelSpec
+    from rcat.stages.common import epoch_logger
+
+    split = digits_splits["finetune"]
+    config = TrainConfig(epochs=2, lr=0.05, batch_size=64, attack=AttackConfig(name="fgsm", loss="ce", eps=0.05), seed=0)
+    stream = _Terminal() if terminal else io.StringIO()
+    curves: list = []
+    progress = epoch_logger("train_old", config.epochs, len(split), curves, stream=stream)
+    history = adversarial_train(ModelSpec("mlp", (1, 8, 8), 10, {"hidden": [32]}).build(), split, config, torch.device("cpu"),
+                                on_epoch=progress, on_batch=progress.on_batch)
+    text = stream.getvalue()
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.startswith("train_old: epoch ")]
+    assert [line.split(" loss ")[0] for line in lines] == ["train_old: epoch 1/2", "train_old: epoch 2/2"]
+    assert f"loss {history.epochs[1]['loss']:.4f} train accuracy {history.epochs[1]['train_accuracy']:.4f}" in lines[1]
+    assert [epoch for epoch, _ in curves] == [1, 2]
+    bar = "train_old epoch 1/2" in text and "samples/s" in text.split("train_old: epoch 1/2")[0] and "acc " in text
+    assert bar == terminal  # the bar only on a terminal; logs get the lines alone
+    if not terminal:
+        assert text.count("\n") == 2

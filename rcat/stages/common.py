@@ -4,7 +4,9 @@ the per-split flip metrics and the baseline attack cache's outcomes, read back w
 from __future__ import annotations
 
 import json
-from typing import Any
+import sys
+import time
+from typing import IO, Any
 
 import pandas as pd
 import torch
@@ -19,25 +21,58 @@ from rcat.runtime import resolve_device
 from rcat.safe_io import read_parquet
 
 
-def epoch_logger(label: str, epochs: int, n_samples: int, curves: list[tuple[int, dict[str, float]]]) -> Any:
-    """An ``on_epoch`` callback: keep the epoch's figures in ``curves`` and print one line to stdout
-    (``train_old: epoch 3/30 loss 0.41 train accuracy 0.87, 1,234 samples/s``), so a long run is
-    visibly alive in DVC's log (stderr stays for the one-line error)."""
-    import sys
-    import time
+class EpochProgress:
+    """Training progress: an ``on_epoch`` callback (call the object) and an ``on_batch`` one.
 
-    last = [time.perf_counter()]
+    Every epoch prints one line to ``stream`` (stdout by default: stderr stays for the one-line
+    error), ``train_old: epoch 3/30 loss 0.41 train accuracy 0.87, 1,234 samples/s``, and keeps the
+    epoch's figures in ``curves``. When ``stream`` is a terminal, a tqdm bar also runs through each
+    epoch with the running mean loss and training accuracy and tqdm's samples/s; it is removed when
+    the epoch's line is printed, so logs (DVC's, CI's: not terminals) get the lines only.
+    """
 
-    def on_epoch(epoch: int, values: dict[str, float]) -> None:
-        curves.append((epoch, values))
+    def __init__(self, label: str, epochs: int, n_samples: int, curves: list[tuple[int, dict[str, float]]], stream: IO[str] | None = None) -> None:
+        self.label, self.epochs, self.n_samples, self.curves = label, epochs, n_samples, curves
+        self.stream = stream if stream is not None else sys.stdout
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar: Any = None
+        self.epoch_began = time.perf_counter()
+        self._sums = {"loss": 0.0, "train_accuracy": 0.0, "samples": 0.0}
+
+    def on_batch(self, samples: int, values: dict[str, float]) -> None:
+        """After each optimiser step: ``samples`` in the batch, ``values`` its loss terms and training accuracy."""
+        if not self.terminal:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            epoch = len(self.curves) + 1
+            self.bar = tqdm(total=self.n_samples, desc=f"{self.label} epoch {epoch}/{self.epochs}", unit=" samples", file=self.stream,
+                            dynamic_ncols=True, leave=False, smoothing=0.1)
+        for key in ("loss", "train_accuracy"):
+            self._sums[key] += values.get(key, float("nan")) * samples
+        self._sums["samples"] += samples
+        seen = self._sums["samples"]
+        self.bar.set_postfix_str(f"loss {self._sums['loss'] / seen:.4f} acc {self._sums['train_accuracy'] / seen:.4f}", refresh=False)
+        self.bar.update(samples)
+
+    def __call__(self, epoch: int, values: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._sums = {"loss": 0.0, "train_accuracy": 0.0, "samples": 0.0}
+        self.curves.append((epoch, values))
         now = time.perf_counter()
-        rate = n_samples / max(now - last[0], 1e-9)
-        last[0] = now
-        sys.stdout.write(f"{label}: epoch {epoch}/{epochs} loss {values.get('loss', float('nan')):.4f} "
-                         f"train accuracy {values.get('train_accuracy', float('nan')):.4f}, {rate:,.0f} samples/s\n")
-        sys.stdout.flush()
+        rate = self.n_samples / max(now - self.epoch_began, 1e-9)
+        self.epoch_began = now
+        self.stream.write(f"{self.label}: epoch {epoch}/{self.epochs} loss {values.get('loss', float('nan')):.4f} "
+                          f"train accuracy {values.get('train_accuracy', float('nan')):.4f}, {rate:,.0f} samples/s\n")
+        self.stream.flush()
 
-    return on_epoch
+
+def epoch_logger(label: str, epochs: int, n_samples: int, curves: list[tuple[int, dict[str, float]]], stream: IO[str] | None = None) -> EpochProgress:
+    """The stages' training progress (:class:`EpochProgress`): pass it as ``on_epoch`` and its ``on_batch`` as ``on_batch``."""
+    return EpochProgress(label, epochs, n_samples, curves, stream)
 
 
 def stage_split(layout: Layout, name: str) -> Split:

@@ -45,9 +45,9 @@ def finetune_method(params: Params, method_name: str, layout: Layout, tracker: T
     if method.grid is None:
         chosen = method
         curves: list[tuple[int, dict[str, float]]] = []
-        network, history = finetune(new.network, old.network, split, params.finetune, method, device,
-                                    on_epoch=epoch_logger(f"finetune@{method_name}", params.finetune.for_method(method).epochs, len(split), curves),
-                                    old_robust=old_robust, label=f"stage finetune@{method_name}")
+        progress = epoch_logger(f"finetune@{method_name}", params.finetune.for_method(method).epochs, len(split), curves)
+        network, history = finetune(new.network, old.network, split, params.finetune, method, device, on_epoch=progress,
+                                    old_robust=old_robust, label=f"stage finetune@{method_name}", on_batch=progress.on_batch)
     else:
         chosen, network, history, curves, grid, within_limits = _search_grid(params, layout, method_name, method, new, old, split, device, old_robust)
     extra = {"method": method_name, "loss": method.loss, "alpha": str(chosen.alpha), "beta": str(chosen.beta), "base_digest": new.digest, "old_digest": old.digest}
@@ -80,9 +80,9 @@ def _grid_point(shared: tuple[Any, ...], index: int) -> tuple[int, dict[str, tor
     point = points[index]
     seed_everything(params.finetune.seed)
     curves: list[tuple[int, dict[str, float]]] = []
-    network, history = finetune(new.network, old.network, split, params.finetune, point, device,
-                                on_epoch=epoch_logger(f"finetune@{method_name} point {index}", params.finetune.for_method(point).epochs, len(split), curves),
-                                old_robust=old_robust, label=f"stage finetune@{method_name} (grid point {index})")
+    progress = epoch_logger(f"finetune@{method_name} point {index}", params.finetune.for_method(point).epochs, len(split), curves)
+    network, history = finetune(new.network, old.network, split, params.finetune, point, device, on_epoch=progress,
+                                old_robust=old_robust, label=f"stage finetune@{method_name} (grid point {index})", on_batch=progress.on_batch)
     candidate = LoadedModel(network, new.spec, weights_digest(network), f"{method_name} grid point {index}")
     serial_engine = params.engine.model_copy(update={"workers": 1, "dask_address": None})
     outcomes = attack_model_on_splits(candidate, method_name, validation, params.attack, params.seed, device, serial_engine)

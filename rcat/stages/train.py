@@ -30,8 +30,8 @@ def train(params: Params, role: str, layout: Layout, tracker: Tracker | None = N
     spec = ModelSpec(config.architecture, tuple(split.images.shape[1:]), split.num_classes, dict(config.architecture_kwargs), normalization)
     network = spec.build()
     curves: list[tuple[int, dict[str, float]]] = []
-    history = adversarial_train(network, split, config, device, on_epoch=epoch_logger(f"train_{role}", config.epochs, len(split), curves),
-                                label=f"stage train_{role}")
+    progress = epoch_logger(f"train_{role}", config.epochs, len(split), curves)
+    history = adversarial_train(network, split, config, device, on_epoch=progress, label=f"stage train_{role}", on_batch=progress.on_batch)
     digest = save_model(network.cpu(), spec, layout.model(role), extra={"role": role, "trained_on": split.digest})
     write_json(layout.training_history(role), {"role": role, "n_train_samples": len(split), "epochs": history.epochs, "weights_digest": digest})
     if tracker is not None:
