@@ -403,6 +403,18 @@ def _verdict_section(decision: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def old_model_label(decision: dict[str, Any]) -> str:
+    """What the candidates were compared against: the registry version (``models:/<name>/<version>``, the champion when
+    ``train_old.reference: champion``), another reference as configured, or the model the pipeline trained itself."""
+    inputs = decision.get("inputs") or {}
+    reference = inputs.get("old_reference")
+    if not reference:
+        return "current model (trained by train_old)"
+    if str(reference).startswith("models:/"):
+        return f"current model: registry version {reference}"
+    return f"current model: {reference}"
+
+
 def _table_section(split: str, estimates: dict[str, dict[str, Estimate] | None], counts: dict[str, dict[str, int]], decision: dict[str, Any]) -> str:
     chosen = decision.get("candidate")
     columns = list(HEADERS)
@@ -411,7 +423,7 @@ def _table_section(split: str, estimates: dict[str, dict[str, Estimate] | None],
              "<th>NF</th><th>RNF</th><th>n</th></tr>")]
     reference = next((e for e in estimates.values() if e is not None), None)
     if reference is not None:
-        rows.append(f'<tr><td class="name">old (reference)</td><td class="name">current model</td>{_cell(reference["accuracy_old"])}'
+        rows.append(f'<tr><td class="name">old (reference)</td><td class="name">{_e(old_model_label(decision))}</td>{_cell(reference["accuracy_old"])}'
                     f'{_cell(reference["robust_accuracy_old"])}<td>&ndash;</td><td>&ndash;</td><td>&ndash;</td><td></td><td></td><td></td></tr>')
     for name, values in estimates.items():
         info = decision.get("candidates", {}).get(name, {})

@@ -118,6 +118,7 @@ def test_report_leads_with_the_verdict_and_tabulates_every_candidate(report_run)
     assert rows[0][:7] == ["candidate", "gate", "Accuracy", "Robust accuracy", "NFR", "RNFR", "S-NFR"]
     by_name = {row[0]: row for row in rows[1:]}
     assert set(by_name) == {"old (reference)", "new", *METHODS}
+    assert by_name["old (reference)"][1] == "current model (trained by train_old)"  # the embedded default trains its own
     for candidate in ("new", *METHODS):
         flips = confirmation_flips(layout, candidate, split)
         metrics = json.loads((layout.evaluation(candidate) / "metrics.json").read_text())[split]
@@ -271,6 +272,14 @@ def test_missing_decision_names_the_stage_to_run(tmp_path):
     params = parse_params(reduced_params(tmp_path))
     with pytest.raises(InputError, match=r"decision\.json: not found; run the 'decide' stage first \(dvc repro decide\)"):
         build_report(params, pipeline.Layout(tmp_path / "data"))
+
+
+def test_the_old_model_is_named_by_its_registry_version():
+    from rcat.report import old_model_label
+
+    assert old_model_label({"inputs": {"old_reference": "models:/rcat-digits/3"}}) == "current model: registry version models:/rcat-digits/3"
+    assert old_model_label({"inputs": {"old_reference": "models/old.safetensors"}}) == "current model: models/old.safetensors"
+    assert old_model_label({"inputs": {"old_reference": None}}) == old_model_label({}) == "current model (trained by train_old)"
 
 
 def test_per_class_counting_on_hand_made_frames():
