@@ -327,11 +327,9 @@ def test_cascade_preset_is_a_cheap_apgd_then_the_configured_attack_and_never_wea
 
 
 def test_ensemble_params_validate_and_single_attack_params_stay_valid():
-    from rcat.config import load_params
-
-    params = load_params(REPO_ROOT / "params.yaml")
-    assert not params.attack.is_ensemble and params.attack.identity()["name"] == "apgd"
     raw = {"finetune": {"methods": {"at": {"loss": "at"}}}}
+    single = parse_params({**raw, "attack": {"name": "apgd", "loss": "dlr", "steps": 50}})
+    assert not single.attack.is_ensemble and single.attack.identity()["name"] == "apgd" and single.attack.members() == [single.attack]
     ensemble = parse_params({**raw, "attack": {"batch_size": 8, "ensemble": [{"name": "apgd", "loss": "ce"}, {"name": "square", "loss": "ce"}]}})
     assert [m.name for m in ensemble.attack.members()] == ["apgd", "square"]
     with pytest.raises(ConfigError, match="not both"):

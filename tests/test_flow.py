@@ -163,7 +163,9 @@ def test_flow_and_dvc_repro_share_outputs(prefect_harness, pipeline_workspace):
     assert first["ran"] == stages and first["skipped"] == []
     decision = read_decision(work)
     assert (first["verdict"], first["candidate"]) == (decision["verdict"], decision["candidate"])
-    assert decision["verdict"] in {"promote", "reject"}
+    # the verdict follows from the record: a promotion names an admissible candidate, a rejection none
+    assert decision["verdict"] == ("promote" if decision["candidate"] else "reject")
+    assert decision["candidate"] is None or decision["candidates"][decision["candidate"]]["admissible"]
 
     from prefect.events.filters import EventFilter, EventNameFilter
 

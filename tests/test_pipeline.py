@@ -80,7 +80,9 @@ def test_dvc_repro_end_to_end(pipeline_workspace):
     assert header.index("verdict") < header.index("seed") and {"promote", "candidate", "rnfr", "snfr"} <= set(header), header[:20]
 
     decision = json.loads((work / "data/decide/decision.json").read_text())
-    assert decision["verdict"] in {"promote", "reject"}
+    # the verdict follows from the record: a promotion names an admissible candidate, a rejection none
+    assert decision["verdict"] == ("promote" if decision["candidate"] else "reject")
+    assert decision["candidate"] is None or decision["candidates"][decision["candidate"]]["admissible"]
     assert decision["reasons"]
     assert set(decision["candidates"]) == {"new", *methods}
     assert set(decision["inputs"]["models"]) == {"old", "new", *methods}
