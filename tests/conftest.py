@@ -120,6 +120,66 @@ def pipeline_workspace(tmp_path, monkeypatch):
     return work
 
 
+def project_env() -> dict[str, str]:
+    """The environment of a pipeline run: this interpreter's bin first on PATH (DVC's `python` is the project's), no MLflow URI."""
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def dvc_watching_processes(work: Path, *args: str) -> tuple[str, set[str]]:
+    """``dvc *args`` in ``work``; its output and the command lines of every process it spawned (polled every 0.2 s)."""
+    import psutil
+
+    process = subprocess.Popen(["dvc", *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=project_env())
+    seen: set[str] = set()
+    root = psutil.Process(process.pid)
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for child in root.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    seen.add(" ".join(child.cmdline()))
+        time.sleep(0.2)
+    output = process.stdout.read() if process.stdout else ""
+    assert process.returncode == 0, output[-3000:]
+    return output, seen
+
+
+REPRODUCED_METHODS = ("at", "pct", "rcat")
+"""The methods of :func:`reproduced_project`: every kind of stage (tests/test_losses.py covers the other losses)."""
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory):
+    """A project written by `rcat init` with reduced params (methods :data:`REPRODUCED_METHODS`, attacks on two local
+    workers, the MLflow store ``mlflow.db`` at its root), after one `dvc repro`, run once for the session.
+
+    Returns ``(path, output of that repro, command lines of every process it spawned)``. Tests work on a copy
+    (:func:`reproduced_workspace`): DVC, git and MLflow state all live inside the directory.
+    """
+    from rcat.scaffold import init_project
+
+    work = init_project(tmp_path_factory.mktemp("reproduced") / "project")
+    params = reduced_params(work)
+    params["tracking"]["uri"] = "sqlite:///mlflow.db"  # the project root's: a copy of the directory logs into its own store
+    params["engine"]["workers"] = 2
+    params["finetune"]["methods"] = {name: params["finetune"]["methods"][name] for name in REPRODUCED_METHODS}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output, spawned = dvc_watching_processes(work, "repro")
+    return work, output, spawned
+
+
+@pytest.fixture
+def reproduced_workspace(reproduced_project, tmp_path, monkeypatch):
+    """A private copy of :func:`reproduced_project`'s directory, with PATH set for `dvc` and the stages."""
+    source, _, _ = reproduced_project
+    work = tmp_path / "project"
+    shutil.copytree(source, work, symlinks=True)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return work
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One Prefect test harness for the whole session, with PREFECT_HOME in a temp directory."""
