@@ -243,12 +243,21 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     seed_dirs = sorted((ROOT / "docs" / "results" / name).glob("seed-*"))
     if not seed_dirs:
         sys.exit(f"no docs/results/{name}/seed-*/ yet: run a seed first")
-    per_seed = []
+    wanted = {point for family in compare["families"].values() for point in family}
+    per_seed, seed_names, by_seed = [], [], {}
     for seed_dir in seed_dirs:
+        if not (seed_dir / "new.json").is_file():
+            continue
         reference = read_json(seed_dir / "new.json")
         records = [read_json(p) for p in sorted(seed_dir.glob("*.json")) if p.name != "new.json"]
+        by_seed[seed_dir.name] = {"new": reference["test"], **{r["point"]: r["test"] for r in records}}
+        if not wanted <= {r["point"] for r in records}:
+            continue  # a seed still running (or stopped): its points are shown per seed, not in the means
         flips = {r["point"]: read_parquet(seed_dir / f"{r['point']}.parquet") for r in records}
         per_seed.append((reference, records, flips))
+        seed_names.append(seed_dir.name)
+    if not per_seed:
+        sys.exit(f"no seed of docs/results/{name}/ has every point of compare.families yet")
     n_test = per_seed[0][0]["test"]["n_samples"]
     common = set.intersection(*({r["point"] for r in records} for _, records, _ in per_seed))
     order = [p for family in compare["families"].values() for p in family if p in common]
@@ -331,9 +340,13 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     controls = [f for f in compare["families"] if f.startswith("control")]
     candidates = {f: e for f, e in matched_table.items() if e is not None and f != "at" and f not in controls and e["nfr_at_most_at"]}
     best = min(candidates.items(), key=lambda item: item[1]["rnfr"]) if candidates else None
+    per_seed_points = {seed: {point: {k: round(float(test[k]), 4) for k in ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr")}
+                              for point, test in points_of_seed.items()} for seed, points_of_seed in by_seed.items()}
     result = {
         "methods": methods, "pair": pair, "matched": {f: e for f, e in matched_table.items()},
         "best_at": at_name, "selected": selections[0], "seeds": len(per_seed), "n_test_samples": n_test,
+        "seeds_in_means": seed_names, "seeds_partial": {seed: sorted(pts) for seed, pts in by_seed.items() if seed not in seed_names},
+        "per_seed": per_seed_points,
         "headline": {"best_family": best[0] if best else None, "rnfr_cut_vs_at": best[1]["rnfr_cut_vs_at"] if best else None,
                      "target_cut": TARGET_RNFR_CUT, "target_met": bool(best and best[1]["rnfr_cut_vs_at"] is not None and best[1]["rnfr_cut_vs_at"] >= TARGET_RNFR_CUT),
                      "controls_cut": {f: (matched_table[f] or {}).get("rnfr_cut_vs_at") for f in controls}},
@@ -399,6 +412,16 @@ def markdown(result: dict, points: pd.DataFrame, compare: dict) -> str:
         paired = f"{test['only_first']}/{test['only_second']}, p={test['p_value']:.3f}" if test else "—"
         lines.append(f"| {family} | {entry['point']} | {pct(entry['accuracy'])} | {pct(entry['robust_accuracy'])} | {pct(entry['nfr'])} | "
                      f"{pct(entry['rnfr'])} | {pct(entry['rnfr_cut_vs_at'])}% | {'yes' if entry['nfr_at_most_at'] else 'no'} | {paired} |")
+    seeds = list(result["per_seed"])
+    lines += ["", "Per seed (test, in %: clean acc / robust acc / NFR / RNFR; seeds in the means above: "
+              + ", ".join(result["seeds_in_means"]) + (f"; partial: {', '.join(result['seeds_partial'])}" if result["seeds_partial"] else "") + "):", "",
+              "| point | " + " | ".join(seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for point in ["new", *(p for family in compare["families"].values() for p in family)]:
+        cells = []
+        for seed in seeds:
+            test = result["per_seed"][seed].get(point)
+            cells.append(" / ".join(pct(test[k]) for k in ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr")) if test else "not run")
+        lines.append(f"| {point} | " + " | ".join(cells) + " |")
     lines += ["", "| point | " + " | ".join(f"class {c}" for c in range(10)) + " | predicted per class (test) |", "|---|" + "---|" * 11]
     for name, entry in result["methods"].items():
         counts = entry.get("prediction_counts")
