@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -122,3 +125,46 @@ def test_dvc_repro_end_to_end(reproduced_project, reproduced_workspace):
     assert newest.info.run_id not in {parent.info.run_id}
     logged = {run.data.tags["rcat.child"] for run in runs if run.data.tags.get("mlflow.parentRunId") == newest.info.run_id}
     assert {f"candidate:{m}" for m in ["new", *methods]} <= logged, logged
+
+
+def test_queued_experiment_logs_into_the_project_store_and_shows_its_verdict(reproduced_workspace):
+    """`dvc exp run --queue -S ...` then `dvc queue start`: the check runs in DVC's temporary workspace, logs its
+    parent run into the project's own mlflow.db, and `dvc exp show` gives the experiment's verdict and figures."""
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    work = reproduced_workspace
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True, capture_output=True)  # experiments need a baseline commit
+    subprocess.run(["git", "-c", "user.name=rcat-test", "-c", "user.email=test@rcat", "commit", "-qm", "baseline"], cwd=work, check=True)
+    baseline = json.loads((work / "data/decide/check.json").read_text())
+    rule = yaml.safe_load((work / "params.yaml").read_text())["decision"]["rules"]["max_nfr"]
+    dvc(work, "exp", "run", "--queue", "-S", f"decision.rules.max_nfr={rule / 2}", "-n", "stricter-nfr")
+    try:
+        dvc(work, "queue", "start")
+        deadline = time.monotonic() + 600
+        while True:
+            status = dvc(work, "queue", "status")
+            if "Queued" not in status and "Running" not in status:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=work, capture_output=True)
+    assert "Success" in status, status + dvc(work, "queue", "logs", "stricter-nfr")
+
+    rows = {row["Experiment"] or row["rev"]: row for row in csv.DictReader(io.StringIO(dvc(work, "exp", "show", "--csv")))}
+    for name in ("workspace", "stricter-nfr"):
+        assert rows[name]["verdict"] == baseline["verdict"] and rows[name]["candidate"] == (baseline["candidate"] or "")
+        assert float(rows[name]["rnfr"]) == pytest.approx(baseline["rnfr"])  # a rules-only change: the same evaluations
+    assert float(rows["stricter-nfr"]["decision.rules.max_nfr"]) == pytest.approx(rule / 2)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")  # the project's own store
+    experiment = client.get_experiment_by_name(yaml.safe_load((work / "params.yaml").read_text())["tracking"]["experiment"])
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rcat.child` = '__parent__'")
+    assert sorted(float(run.data.params["decision.rules.max_nfr"]) for run in parents) == pytest.approx(sorted([rule / 2, rule]))
+    assert not [path for path in (work / ".dvc").rglob("mlflow.db")]  # nothing logged into a throwaway store
+    workers = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if "queue-worker" in " ".join(process.info["cmdline"] or []) and str(process.info["cwd"] or "").startswith(str(work)):
+            workers.append(process.info["cmdline"])
+    assert not workers  # `dvc queue stop` left no worker behind
