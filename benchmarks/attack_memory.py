@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from rcat.data import load_dataset
     from rcat.engine import run_attack, summary_of
     from rcat.models import ModelSpec
+    from rcat.pixels import as_float_images
 
     figures: dict[str, float | int | str | None] = {"load_avg_start": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads()}
     figures["rss_after_imports_mb"] = round(current_mb(), 1)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, len(subset), 64):
         batch = subset[start : start + 64]
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(network(dataset.images[batch]), dataset.labels[batch]).backward()
+        torch.nn.functional.cross_entropy(network(as_float_images(dataset.images[batch])), dataset.labels[batch]).backward()
         optimizer.step()
     network.eval()
     figures["train_seconds"] = round(time.perf_counter() - began, 1)

@@ -69,6 +69,7 @@ def load_data(per_class: int, workdir: Path):
     import torch
 
     from rcat.data import load_dataset
+    from rcat.pixels import as_float_images
 
     if CIFAR_DIR.is_dir():
         folder = workdir / "cifar-subsample"
@@ -78,7 +79,7 @@ def load_data(per_class: int, workdir: Path):
             for image in sorted(class_dir.iterdir())[:per_class]:
                 (target / image.name).symlink_to(image)
         dataset = load_dataset(f"imagefolder:{folder}")
-        return dataset.images, dataset.labels, f"CIFAR-10 JPEG, {len(dataset.labels)} real images ({per_class} per class) from {CIFAR_DIR}"
+        return as_float_images(dataset.images), dataset.labels, f"CIFAR-10 JPEG, {len(dataset.labels)} real images ({per_class} per class) from {CIFAR_DIR}"
     generator = torch.Generator().manual_seed(0)
     n = per_class * 10
     images = torch.rand(n, 3, 32, 32, generator=generator)

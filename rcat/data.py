@@ -1,6 +1,8 @@
 """Data sources and the seeded, stratified fine-tune / validation / test split.
 
-Every source yields images as a float32 tensor ``(N, C, H, W)`` in [0, 1] and integer labels.
+Every source yields images ``(N, C, H, W)`` and integer labels: 8-bit pixels (``uint8``, value /
+255) from the 8-bit sources (``imagefolder:``, the CIFAR-10 releases), float32 in [0, 1] from the
+others; :func:`rcat.pixels.as_float_images` gives the floats a model sees, a batch at a time.
 A :class:`Split` carries ``sample_index`` (the sample's position in the source, a stable id that
 per-sample results refer to) and a content digest, so downstream results carry their provenance.
 
@@ -45,7 +47,8 @@ import torch
 
 from rcat.config import MAX_CLASSES, DataConfig
 from rcat.errors import InputError
-from rcat.safe_io import read_tensors, sha256_tensors, write_tensors
+from rcat.pixels import as_float_images, content_digest, is_pixels
+from rcat.safe_io import read_tensors, write_tensors
 
 SPLIT_NAMES = ("finetune", "validation", "test")
 VALIDATE_BLOCK_BYTES = 32 * 2**20  # validate_images checks about this many bytes of images at a time
@@ -54,7 +57,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images in [0, 1] as ``(N, C, H, W)`` float32, labels ``(N,)`` int64, and class names."""
+    """Images ``(N, C, H, W)`` (uint8 pixels or float32 in [0, 1], :mod:`rcat.pixels`), labels ``(N,)`` int64, and class names."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -68,7 +71,7 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Split:
-    """One split: images, labels and each sample's index in the source dataset."""
+    """One split: images (uint8 pixels or float32 in [0, 1], :mod:`rcat.pixels`), labels and each sample's index in the source dataset."""
 
     name: str
     images: torch.Tensor
@@ -82,18 +85,23 @@ class Split:
 
     @property
     def digest(self) -> str:
-        """SHA-256 over images, labels and sample indices: equal digests mean identical content."""
-        return sha256_tensors(self.images, self.labels, self.sample_index)
+        """SHA-256 over images (as float32, whatever their storage), labels and sample indices: equal digests mean identical content."""
+        return content_digest(self.images, self.labels, self.sample_index)
 
 
 def validate_images(images: torch.Tensor, labels: torch.Tensor, where: str) -> None:
-    """Reject data that would silently corrupt an evaluation: wrong shape, NaN/inf, out of [0, 1], empty."""
+    """Reject data that would silently corrupt an evaluation: wrong shape, NaN/inf, out of [0, 1], empty.
+
+    8-bit pixels (:mod:`rcat.pixels`) are in range by construction; float images are checked.
+    """
     if images.ndim != 4:
         raise InputError(f"{where}: images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise InputError(f"{where}: no samples; check the data source and the split fractions")
     if labels.shape != (images.shape[0],):
         raise InputError(f"{where}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    if is_pixels(images):
+        return
     # Checked a block of samples at a time: torch.isfinite on the whole tensor allocates
     # temporaries several times its size (1 GB more on 50,000 CIFAR images, measured).
     step = max(1, VALIDATE_BLOCK_BYTES // max(1, images[0].numel() * images.element_size()))
@@ -136,7 +144,8 @@ def _resize_and_crop(image: Any, resize: int | None, center_crop: int | None) ->
 
 
 def transform_images(images: torch.Tensor, resize: int | None, center_crop: int | None) -> torch.Tensor:
-    """The same transforms on an ``(N, C, H, W)`` tensor: shorter side to ``resize``, centre crop."""
+    """The same transforms on an ``(N, C, H, W)`` tensor: shorter side to ``resize``, centre crop (float32 out)."""
+    images = as_float_images(images)
     if resize is not None:
         height, width = images.shape[-2:]
         scale = resize / min(height, width)
@@ -184,9 +193,9 @@ def load_imagefolder(root: str | os.PathLike[str], resize: int | None = None, ce
         labels.extend([label] * len(found))
     if not files:
         raise InputError(f"imagefolder:{root}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
-    # Decoded straight into one preallocated uint8 (N, C, H, W) array, then converted to float in
-    # place: peak memory is the float tensor plus a quarter of it (50,000 CIFAR images: 600 + 150
-    # MB), not a list of arrays, its stacked copy and two float copies (2.2 GB measured).
+    # Decoded straight into one preallocated uint8 (N, C, H, W) array, which the dataset keeps:
+    # 50,000 CIFAR images are 150 MB (the float tensor was 600 MB more, and a list of arrays, its
+    # stacked copy and two float copies were 2.2 GB, measured).
     pixels: np.ndarray | None = None
     shape: tuple[int, ...] | None = None
     for position, file in enumerate(files):
@@ -207,10 +216,8 @@ def load_imagefolder(root: str | os.PathLike[str], resize: int | None = None, ce
             raise InputError(f"{file}: size {array.shape[1]}x{array.shape[0]} differs from {shape[1]}x{shape[0]} of the first image; set data.resize and data.center_crop")
         assert pixels is not None  # allocated together with shape on the first image
         pixels[position] = array.transpose(2, 0, 1)
-    images = torch.from_numpy(pixels).float()
-    del pixels
-    images.div_(255.0)
-    return Dataset(images, torch.tensor(labels, dtype=torch.int64), tuple(classes), f"imagefolder:{root}")
+    # kept as 8-bit pixels (rcat.pixels): a quarter of the float tensor, converted a batch at a time where used
+    return Dataset(torch.from_numpy(pixels), torch.tensor(labels, dtype=torch.int64), tuple(classes), f"imagefolder:{root}")
 
 
 def as_rgb8(image: Any, file: Path) -> Any:
@@ -339,7 +346,7 @@ def _cifar_dataset(images: list[np.ndarray], labels: list[np.ndarray], classes: 
     label_tensor = torch.from_numpy(np.concatenate(labels).astype(np.int64))
     if len(label_tensor) and int(label_tensor.max()) >= len(classes):
         raise InputError(f"{where}: label {int(label_tensor.max())} is out of range for {len(classes)} classes; the files are corrupt")
-    return Dataset(torch.from_numpy(data).float().div_(255.0), label_tensor, classes, where)
+    return Dataset(torch.from_numpy(np.ascontiguousarray(data)), label_tensor, classes, where)  # 8-bit pixels (rcat.pixels)
 
 
 def load_cifar10_binary(directory: str | os.PathLike[str]) -> Dataset:
@@ -532,8 +539,8 @@ def load_split(path: str | os.PathLike[str]) -> Split:
     if not 1 <= num_classes <= MAX_CLASSES:
         raise InputError(f"{path}: header field num_classes {num_classes} must lie in 1..{MAX_CLASSES}; rerun 'dvc repro prepare'")
     images, labels, sample_index = tensors["images"], tensors["labels"], tensors["sample_index"]
-    if images.ndim != 4 or not images.is_floating_point():
-        raise InputError(f"{path}: images must be a float (N, C, H, W) tensor, got {images.dtype} of shape {tuple(images.shape)}")
+    if images.ndim != 4 or not (images.is_floating_point() or is_pixels(images)):
+        raise InputError(f"{path}: images must be a float or uint8 (N, C, H, W) tensor, got {images.dtype} of shape {tuple(images.shape)}")
     for name, tensor in (("labels", labels), ("sample_index", sample_index)):
         if tensor.dtype != torch.int64 or tensor.shape != (images.shape[0],):
             raise InputError(f"{path}: {name} must be int64 with one entry per image ({images.shape[0]}), got {tensor.dtype} of shape {tuple(tensor.shape)}")

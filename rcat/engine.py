@@ -61,6 +61,7 @@ from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
 from rcat.config import AttackConfig
 from rcat.errors import InputError
 from rcat.executors import Executor, SerialExecutor, executor_for
+from rcat.pixels import as_float_images, content_digest
 from rcat.safe_io import (
     frame_digest,
     parquet_metadata,
@@ -168,13 +169,13 @@ def model_content_digest(network: nn.Module) -> str:
 def split_content_digest(split: Any) -> str:
     """SHA-256 of a split's images, labels and sample indices (the same as :attr:`rcat.data.Split.digest`)."""
     images, labels, sample_index = _split_tensors(split)
-    return sha256_tensors(images, labels, sample_index)
+    return content_digest(images, labels, sample_index)
 
 
 def run_key(network: nn.Module, split: Any, config: AttackConfig, seed: int, chunk_size: int) -> str:
     """The key :func:`run_attack` files this run under (``<cache_dir>/<key>/``)."""
     images, labels, sample_index = _split_tensors(split)
-    return attack_key(model_content_digest(network), sha256_tensors(images, labels, sample_index), config.identity(), seed, chunk_size)
+    return attack_key(model_content_digest(network), content_digest(images, labels, sample_index), config.identity(), seed, chunk_size)
 
 
 def _split_tensors(split: Any) -> SplitTensors:
@@ -209,6 +210,7 @@ def compute_chunk(network: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """Attack one chunk (positions ``offset``... of the split) and write its shard; return the shard's record and frame."""
     provenance = {"split": "-", "model": "-", "model_digest": "-", "split_digest": "-"}
     began = time.perf_counter()
+    images = as_float_images(images)  # 8-bit pixels become floats one chunk at a time (rcat.pixels)
     result = attack_outcomes(network, images, labels, sample_index, config, num_classes=num_classes, seed=seed, provenance=provenance,
                              device=device, return_adversarial=save_adversarial, position_offset=offset)
     # attack_outcomes returns (frame, adversarial) exactly when return_adversarial=save_adversarial is true

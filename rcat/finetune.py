@@ -22,6 +22,7 @@ from rcat.config import AttackConfig, FinetuneConfig, MethodConfig, TrainConfig
 from rcat.data import Split
 from rcat.errors import TrainingFailed
 from rcat.losses import LossTerms, at_loss, pct_loss, rcat_loss
+from rcat.pixels import as_float_images
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 """Called after each epoch with its number (from 1) and the epoch's mean loss terms and training accuracy."""
@@ -72,7 +73,7 @@ def _epochs(
         seen = 0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            x = split.images[batch]
+            x = as_float_images(split.images[batch])  # 8-bit pixels: converted a batch at a time
             if augment == "crop_flip":
                 x = crop_flip(x, augment_generator)
             x = x.to(device)

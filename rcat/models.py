@@ -22,6 +22,7 @@ from torch import nn
 
 from rcat.config import MAX_CLASSES
 from rcat.errors import InputError
+from rcat.pixels import as_float_images
 from rcat.safe_io import read_tensors, sha256_tensors, write_tensors
 
 MODEL_FORMAT = "rcat-model/1"
@@ -301,7 +302,7 @@ def check_model_on(model: LoadedModel, images: torch.Tensor, num_classes: int, w
         raise InputError(f"{model.path}: model outputs {model.spec.num_classes} classes, {where} has {num_classes}")
     device = next(model.network.parameters()).device
     with torch.no_grad():
-        logits = model.network(images[:8].to(device))
+        logits = model.network(as_float_images(images[:8]).to(device))
     if logits.shape != (min(8, len(images)), num_classes):
         raise InputError(f"{model.path}: model returned logits of shape {tuple(logits.shape)}, expected (N, {num_classes})")
     if not torch.isfinite(logits).all():

@@ -46,6 +46,7 @@ from rcat.config import Params
 from rcat.data import load_split
 from rcat.errors import InputError
 from rcat.models import LoadedModel, load_model
+from rcat.pixels import as_float_images
 from rcat.results import GALLERY_FILE, GALLERY_SAMPLES, Layout
 from rcat.runtime import resolve_device
 from rcat.safe_io import atomic_path, read_json, read_parquet, read_tensors
@@ -253,7 +254,7 @@ def build_gallery(params: Params, layout: Layout, candidate: str, split_name: st
     for p in wanted:
         index = int(split.sample_index[p])
         notes: list[str] = []
-        clean = split.images[p]
+        clean = as_float_images(split.images[p])
         if index in saved_at:
             row = saved_at[index]
             points = {"old": saved["old_adversarial"][row], candidate: saved["candidate_adversarial"][row]}

@@ -203,6 +203,19 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def hash_tensor_into(digest: Any, tensor: torch.Tensor) -> None:
+    """Feed ``tensor``'s dtype, shape and raw bytes to ``digest`` (a hashlib object), without copying its memory."""
+    array = tensor.detach().cpu().contiguous()
+    digest.update(str(array.dtype).encode())
+    digest.update(str(tuple(array.shape)).encode())
+    flat = array.reshape(-1)
+    try:
+        buffer = flat.numpy()
+    except TypeError:  # dtypes numpy lacks (bfloat16, ...): hash the raw bytes
+        buffer = flat.view(torch.uint8).numpy()
+    digest.update(memoryview(buffer).cast("B"))  # type: ignore[arg-type]  # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+
+
 def sha256_tensors(*tensors: torch.Tensor) -> str:
     """Hex SHA-256 over the dtype, shape and raw bytes of each tensor, in order (a content hash).
 
@@ -210,15 +223,7 @@ def sha256_tensors(*tensors: torch.Tensor) -> str:
     """
     digest = hashlib.sha256()
     for tensor in tensors:
-        array = tensor.detach().cpu().contiguous()
-        digest.update(str(array.dtype).encode())
-        digest.update(str(tuple(array.shape)).encode())
-        flat = array.reshape(-1)
-        try:
-            buffer = flat.numpy()
-        except TypeError:  # dtypes numpy lacks (bfloat16, ...): hash the raw bytes
-            buffer = flat.view(torch.uint8).numpy()
-        digest.update(memoryview(buffer).cast("B"))  # type: ignore[arg-type]  # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+        hash_tensor_into(digest, tensor)
     return digest.hexdigest()
 
 

@@ -18,6 +18,7 @@ from rcat.cli import EXIT_BAD_INPUT, app
 from rcat.config import parse_params
 from rcat.errors import InputError
 from rcat.models import ModelSpec, load_model, save_model
+from rcat.pixels import as_float_images
 
 EXAMPLE = REPO_ROOT / "examples" / "byo"
 runner = CliRunner()
@@ -187,7 +188,7 @@ def test_imagefolder_transforms_resize_and_center_crop(tmp_path):
         load_dataset(f"imagefolder:{tmp_path}")
     dataset = load_dataset(f"imagefolder:{tmp_path}", resize=8, center_crop=8)
     assert dataset.images.shape == (2, 3, 8, 8)
-    assert torch.allclose(dataset.images, torch.full_like(dataset.images, 200 / 255), atol=1 / 255)
+    assert torch.allclose(as_float_images(dataset.images), torch.full_like(as_float_images(dataset.images), 200 / 255), atol=1 / 255)
     images = torch.rand(3, 1, 10, 14)
     out = transform_images(images, resize=5, center_crop=4)
     assert out.shape == (3, 1, 4, 4) and out.min() >= 0 and out.max() <= 1

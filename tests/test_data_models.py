@@ -27,6 +27,7 @@ from rcat.data import (
 )
 from rcat.errors import InputError
 from rcat.models import ModelSpec, check_model_on, load_model, save_model, weights_digest
+from rcat.pixels import as_float_images
 from rcat.safe_io import read_tensors, write_tensors
 
 # ---------------------------------------------------------------- digits and the split
@@ -216,13 +217,13 @@ def test_imagefolder_labels_in_sorted_class_order(tmp_path):
     dataset = load_imagefolder(root)
     assert dataset.classes == ("apple", "zebra")
     assert dataset.labels.tolist() == [0, 1, 1]
-    assert dataset.images.shape == (3, 3, 5, 4) and dataset.images.dtype == torch.float32
-    assert float(dataset.images.min()) >= 0.0 and float(dataset.images.max()) <= 1.0
-    assert torch.equal(dataset.images[0], torch.zeros(3, 5, 4))
+    assert dataset.images.shape == (3, 3, 5, 4) and dataset.images.dtype == torch.uint8  # 8-bit pixels (rcat.pixels)
+    assert float(as_float_images(dataset.images).min()) >= 0.0 and float(as_float_images(dataset.images).max()) <= 1.0
+    assert torch.equal(as_float_images(dataset.images)[0], torch.zeros(3, 5, 4))
     # files in sorted order inside a class: a.png (red), then b.png (white)
-    assert torch.allclose(dataset.images[1, 0], torch.full((5, 4), 0.2))
-    assert torch.equal(dataset.images[1, 1:], torch.zeros(2, 5, 4))
-    assert torch.equal(dataset.images[2], torch.ones(3, 5, 4))
+    assert torch.allclose(as_float_images(dataset.images)[1, 0], torch.full((5, 4), 0.2))
+    assert torch.equal(as_float_images(dataset.images)[1, 1:], torch.zeros(2, 5, 4))
+    assert torch.equal(as_float_images(dataset.images)[2], torch.ones(3, 5, 4))
     via_source = load_dataset(f"imagefolder:{root}")
     assert torch.equal(via_source.images, dataset.images) and via_source.source == f"imagefolder:{root}"
 
@@ -427,3 +428,33 @@ def test_model_metadata_is_json_text(trained_mlp):
     assert all(isinstance(value, str) for value in metadata.values())
     assert json.loads(metadata["input_shape"]) == [1, 8, 8] and metadata["num_classes"] == "10"
     assert ModelSpec.from_metadata(metadata, "x") == spec
+
+
+def test_8_bit_sources_keep_their_pixels_and_the_split_digest_does_not_depend_on_it(tmp_path):
+    """imagefolder: keeps uint8 pixels (a quarter of float32); a split saved and loaded that way has the digest of
+    the float32 images it stands for, and every consumer sees floats bit-identical to float32(v) / 255."""
+    from PIL import Image
+
+    from rcat.data import Split, load_imagefolder, load_split, save_split
+    from rcat.pixels import as_float_images, content_digest
+    from rcat.safe_io import sha256_tensors
+
+    generator = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(generator.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
+    dataset = load_imagefolder(tmp_path / "images")
+    assert dataset.images.dtype == torch.uint8 and dataset.images.element_size() == 1
+    floats = as_float_images(dataset.images)
+    assert floats.dtype == torch.float32 and torch.equal(floats, dataset.images.to(torch.float32) / 255.0)
+    assert as_float_images(floats) is floats  # float images pass through untouched
+
+    index = torch.arange(len(dataset.labels))
+    stored = Split("test", dataset.images, dataset.labels, index, 2, dataset.source)
+    as_floats = Split("test", floats, dataset.labels, index, 2, dataset.source)
+    assert stored.digest == as_floats.digest == sha256_tensors(floats, dataset.labels, index)
+    assert content_digest(dataset.images[:0], dataset.labels[:0], index[:0]) == sha256_tensors(floats[:0], dataset.labels[:0], index[:0])
+    save_split(stored, tmp_path / "test.safetensors")
+    loaded = load_split(tmp_path / "test.safetensors")
+    assert loaded.images.dtype == torch.uint8 and loaded.digest == as_floats.digest

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO_ROOT
 from rcat.errors import RcatError
+from rcat.pixels import as_float_images
 
 EXAMPLES = int(os.environ.get("RCAT_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -158,7 +159,7 @@ def test_npz_files_load_or_fail_with_one_line(tmp_path_factory, arrays):
         event("one-line error")
         return
     event("loaded")
-    assert dataset.images.ndim == 4 and bool(((dataset.images >= 0) & (dataset.images <= 1)).all())
+    assert as_float_images(dataset.images).ndim == 4 and bool(((as_float_images(dataset.images) >= 0) & (as_float_images(dataset.images) <= 1)).all())
     assert len(dataset.labels) == 0 or int(dataset.labels.max()) < dataset.num_classes
 
 

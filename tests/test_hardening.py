@@ -20,6 +20,7 @@ from rcat.config import AttackConfig, load_params
 from rcat.dask_executor import require_reachable
 from rcat.errors import ConfigError, InputError, TrainingFailed
 from rcat.models import ModelSpec, load_model
+from rcat.pixels import as_float_images
 from rcat.safe_io import parquet_metadata, read_parquet, write_parquet, write_tensors
 
 runner = CliRunner()
@@ -193,7 +194,7 @@ def test_16_bit_pngs_keep_their_range(tmp_path):
     assert image16.mode.startswith("I;16")
     root = _folder(tmp_path / "images", {"a": [("x.png", image16)], "b": [("y.png", np.full((8, 8, 3), 128, np.uint8))]})
     dataset = load_imagefolder(root)
-    values = dataset.images[0, 0].flatten()
+    values = as_float_images(dataset.images)[0, 0].flatten()
     # scaled by 255/65535, not clipped: the gradient spans the range (convert("RGB") made it 0 or 1)
     assert values.min() == 0.0 and values.max() == pytest.approx(round(65520 * 255 / 65535) / 255)
     assert len(torch.unique(values)) == 64
@@ -206,7 +207,7 @@ def test_alpha_is_dropped_by_rule(tmp_path):
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent red
     root = _folder(tmp_path / "images", {"a": [("x.png", rgba)], "b": [("y.png", np.zeros((4, 4, 3), np.uint8))]})
-    assert load_imagefolder(root).images[0, 0, 0, 0] == pytest.approx(200 / 255)
+    assert load_imagefolder(root).images[0, 0, 0, 0] == 200  # 8-bit pixels kept as they are (rcat.pixels)
 
 
 def test_nested_folders_and_empty_classes_are_refused_by_name(tmp_path):

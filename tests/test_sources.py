@@ -18,6 +18,7 @@ from rcat.config import DataConfig
 from rcat.data import CIFAR10_CLASSES, load_dataset
 from rcat.errors import InputError
 from rcat.models import ModelSpec, Normalize, load_model_reference, save_model, weights_digest
+from rcat.pixels import as_float_images
 
 # ---------------------------------------------------------------- npz
 
@@ -100,9 +101,9 @@ def test_cifar10_binary_reads_all_data_batches_in_order(tmp_path):
     _write_cifar_binary(tmp_path / "data_batch_1.bin", *first)
     _write_cifar_binary(tmp_path / "test_batch.bin", *_cifar_records(10, seed=2))  # not read when data batches exist
     dataset = load_dataset(f"cifar10-binary:{tmp_path}")
-    assert dataset.images.shape == (30, 3, 32, 32) and dataset.classes == CIFAR10_CLASSES
+    assert dataset.images.shape == (30, 3, 32, 32) and dataset.images.dtype == torch.uint8 and dataset.classes == CIFAR10_CLASSES
     expected = np.concatenate([first[1], second[1]]).reshape(30, 3, 32, 32)
-    assert torch.equal(dataset.images, torch.from_numpy(expected).float() / 255.0)
+    assert torch.equal(as_float_images(dataset.images), torch.from_numpy(expected).float() / 255.0)
     assert dataset.labels.tolist() == first[0].tolist() + second[0].tolist()
 
 
@@ -115,7 +116,7 @@ def test_cifar10_binary_test_batch_only_and_nested_folder(tmp_path):
     dataset = load_dataset(f"cifar10-binary:{tmp_path}")  # the parent of the extracted folder works too
     assert len(dataset.labels) == 20 and dataset.classes == tuple(f"c{k}" for k in range(10))
     # red channel of the first image is the first 1024 pixel bytes
-    assert torch.equal(dataset.images[0, 0], torch.from_numpy(pixels[0, :1024].reshape(32, 32)).float() / 255.0)
+    assert torch.equal(dataset.images[0, 0], torch.from_numpy(pixels[0, :1024].reshape(32, 32)))  # 8-bit pixels as stored
 
 
 def test_cifar10_binary_truncated_file_is_named(tmp_path):
@@ -158,7 +159,7 @@ def test_cifar10_python_roundtrip(tmp_path):
         pickle.dump({b"label_names": [name.encode() for name in CIFAR10_CLASSES], b"num_vis": 3072}, handle, protocol=4)
     dataset = load_dataset(f"cifar10-python:{tmp_path}")
     expected = np.concatenate([first[1], second[1]]).reshape(40, 3, 32, 32)
-    assert torch.equal(dataset.images, torch.from_numpy(expected).float() / 255.0)
+    assert torch.equal(as_float_images(dataset.images), torch.from_numpy(expected).float() / 255.0)
     assert dataset.labels.tolist() == first[0].tolist() + second[0].tolist()
     assert dataset.classes == CIFAR10_CLASSES
     # the binary and python releases of the same records give the same dataset
