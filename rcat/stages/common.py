@@ -53,7 +53,8 @@ class EpochProgress:
             self._sums[key] += values.get(key, float("nan")) * samples
         self._sums["samples"] += samples
         seen = self._sums["samples"]
-        self.bar.set_postfix_str(f"loss {self._sums['loss'] / seen:.4f} acc {self._sums['train_accuracy'] / seen:.4f}", refresh=False)
+        # drawn on the epoch's first batch, then whenever tqdm redraws (at most every 0.1 s)
+        self.bar.set_postfix_str(f"loss {self._sums['loss'] / seen:.4f} acc {self._sums['train_accuracy'] / seen:.4f}", refresh=seen == samples)
         self.bar.update(samples)
 
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
