@@ -12,6 +12,12 @@ images in uint8 plus 20%, i.e. ``(n_large - n_small) * 3 * 32 * 32`` bytes * 1.2
 
     python benchmarks/evaluate_memory.py            # 10,000 and 50,000 images (about 10 minutes on 2 cores)
     python benchmarks/evaluate_memory.py --quick    # 2,000 and 10,000 images
+    python benchmarks/evaluate_memory.py --chunks 6000 [--mmap-threshold 1048576]   # where the peak grows: per chunk, in process
+
+``--chunks N`` attacks the pair's old model on N images in this process and prints, after each
+chunk of the engine, the resident size and the peak so far; ``--mmap-threshold BYTES`` first fixes
+glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``, so large blocks are mapped and returned on
+free rather than served from a fragmenting heap).
 
 The last line printed is one JSON line: ``peak_rss_mb_small``, ``peak_rss_mb_large``,
 ``difference_mb``, ``allowed_mb``, ``target_met`` and the sizes.
@@ -83,14 +89,62 @@ def evaluate_peak(n: int, scratch: Path) -> dict:
     return {"n": n, "peak_rss_mb": round(peak_mb, 1), "seconds": round(seconds, 1), "n_samples": result.get("n_samples")}
 
 
+def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None) -> dict:
+    """Attack the old model on ``n`` images in this process; the resident size and the peak after each engine chunk."""
+    import ctypes
+    import resource
+
+    import torch
+
+    import rcat.engine as engine
+    from rcat.config import parse_params
+    from rcat.data import load_data_argument
+    from rcat.models import load_model
+    from rcat.stages.attacking import attack_model_on_splits
+
+    if mmap_threshold is not None:
+        M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+        if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
+            sys.exit("mallopt(M_MMAP_THRESHOLD) failed: not glibc?")
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    compute_chunk = engine.compute_chunk
+    rows = []
+
+    def measured(*args, **kwargs):
+        result = compute_chunk(*args, **kwargs)
+        rows.append({"chunk": kwargs["index"], "resident_mb": round((engine.resident_bytes() or 0) / 2**20, 1), "peak_mb": round(peak_mb(), 1)})
+        print(f"chunk {kwargs['index']}: resident {rows[-1]['resident_mb']:.0f} MB, peak so far {rows[-1]['peak_mb']:.0f} MB", flush=True)
+        return result
+
+    engine.compute_chunk = measured  # serial executor: chunks run in this process, through this name
+    params = parse_params({"engine": {"cache_dir": str(scratch / "cache"), "progress": False}, "tracking": {"enabled": False},
+                           "finetune": {"methods": {"at": {"loss": "at"}}}, "attack": {"name": "fgsm", "loss": "ce", "eps": 4 / 255}})
+    split = load_data_argument(f"imagefolder:{linked_folder(scratch / 'images', n)}", params.data, 0, "all")
+    old = load_model(str(PAIR_DIR / "old.safetensors"), "cpu")
+    began = time.perf_counter()
+    attack_model_on_splits(old, "old", {"all": split}, params.attack, 0, torch.device("cpu"), params.engine)
+    return {"n": n, "mmap_threshold": mmap_threshold, "chunks": rows, "seconds": round(time.perf_counter() - began, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2,000 and 10,000 images instead of 10,000 and 50,000")
     parser.add_argument("--sizes", type=int, nargs=2, metavar=("SMALL", "LARGE"), help="the two sizes (multiples of 10)")
+    parser.add_argument("--chunks", type=int, metavar="N", help="instead: the per-chunk probe on N images (see above)")
+    parser.add_argument("--mmap-threshold", type=int, metavar="BYTES", help="with --chunks: fix glibc's mmap threshold first")
     args = parser.parse_args()
     if not CIFAR_DIR.is_dir() or not (PAIR_DIR / "new.safetensors").is_file():
         print(f"skipped: needs {CIFAR_DIR} and the committed pair in {PAIR_DIR}")
         print(json.dumps({"skipped": True}))
+        return 0
+    if args.chunks:
+        with tempfile.TemporaryDirectory(prefix="rcat-chunk-probe-") as scratch_name:
+            probe = chunk_probe(args.chunks, Path(scratch_name), args.mmap_threshold)
+        print(f"{probe['seconds']} s; peak after the first chunk {probe['chunks'][0]['peak_mb']:.0f} MB, after the last {probe['chunks'][-1]['peak_mb']:.0f} MB")
+        print(json.dumps(probe))
         return 0
     small, large = args.sizes or ((2_000, 10_000) if args.quick else (10_000, 50_000))
     print(f"rcat evaluate, FGSM at 4/255, the committed CIFAR-10 pair (seed 0), on {small:,} and {large:,} images; "

@@ -24,29 +24,15 @@ arguments.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from rcat.safe_io import write_json
+
 _EXITED_WITH = re.compile(r"exited with (-?\d+)$")
 """DVC's ``StageCmdFailedError`` keeps the command's status only in its message (``failed to run: CMD, exited with N``)."""
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write ``value`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(value, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def describe_error(error: BaseException) -> dict[str, Any]:
@@ -113,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         try:
-            _write_json(args.result, {"stages": list_stages()})
+            write_json(args.result, {"stages": list_stages()})
         except Exception as error:
-            _write_json(args.result, {"stages": None, "error": describe_error(error)})
+            write_json(args.result, {"stages": None, "error": describe_error(error)})
             print(f"ERROR: {describe_error(error)['message']}", file=sys.stderr)
             return 1
         return 0
     outcome = reproduce(args.target, args.force)
-    _write_json(args.result, outcome)
+    write_json(args.result, outcome)
     if outcome["error"] is not None:
         print(f"ERROR: {outcome['error']['message']}", file=sys.stderr)
         return 1

@@ -119,7 +119,7 @@ def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
     if isinstance(before, dict) and isinstance(after, dict):
         keys = list(dict.fromkeys([*before, *after]))
         return [k for key in keys for k in changed_keys(before.get(key, _MISSING), after.get(key, _MISSING), f"{prefix}{key}.")]
-    return [] if before is after or (before is not _MISSING and after is not _MISSING and before == after) else [prefix.rstrip(".")]
+    return [] if before is not _MISSING and after is not _MISSING and before == after else [prefix.rstrip(".")]
 
 
 _HYDRA_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -131,6 +131,12 @@ def _lookup(tree: Any, dotted: str) -> Any:
             return _MISSING
         tree = tree[key]
     return tree
+
+
+def _require_hydra_key(key: Any, named: str) -> None:
+    """Hydra's override grammar (``dvc exp run -S``) takes plain keys only; ``named`` is how the error names the key."""
+    if not isinstance(key, str) or not _HYDRA_KEY.match(key):
+        raise ConfigError(f"{PARAMS_FILE}: key {named!r} cannot be set through DVC's -S overrides; use letters, digits, '_' and '-'")
 
 
 def hydra_value(value: Any) -> str:
@@ -147,8 +153,7 @@ def hydra_value(value: Any) -> str:
         return "[" + ",".join(hydra_value(item) for item in value) + "]"
     if isinstance(value, dict):
         for key in value:
-            if not isinstance(key, str) or not _HYDRA_KEY.match(key):
-                raise ConfigError(f"{PARAMS_FILE}: key {key!r} cannot be set through DVC's -S overrides; use letters, digits, '_' and '-'")
+            _require_hydra_key(key, key)
         return "{" + ",".join(f"{key}:{hydra_value(item)}" for key, item in value.items()) + "}"
     raise ConfigError(f"{PARAMS_FILE}: a value of type {type(value).__name__} cannot be written to params.yaml")
 
@@ -158,8 +163,7 @@ def set_param_overrides(before: dict[str, Any], after: dict[str, Any]) -> list[s
     overrides = []
     for dotted in changed_keys(before, after):
         for key in dotted.split("."):
-            if not _HYDRA_KEY.match(key):
-                raise ConfigError(f"{PARAMS_FILE}: key {dotted!r} cannot be set through DVC's -S overrides; use letters, digits, '_' and '-'")
+            _require_hydra_key(key, dotted)
         old, new = _lookup(before, dotted), _lookup(after, dotted)
         if new is _MISSING:
             overrides.append(f"~{dotted}")

@@ -12,14 +12,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 # Nothing in the tests may write to the user's MLflow store or Prefect database.
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
@@ -257,6 +259,20 @@ def stop_process_group(server: subprocess.Popen) -> None:
     server.wait(timeout=10)
 
 
+def wait_for(server: subprocess.Popen, answer: Callable[[], T], log_path: Path, what: str, timeout: float = 120.0) -> T:
+    """``answer()``'s value once it stops raising OSError (polled every 0.5 s); fails the test with ``what`` and the
+    tail of the server's log if ``server`` exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return answer()
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what}: {Path(log_path).read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def mlflow_server(root: Path, backend_store_uri: str | None = None) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 (a free port, one web worker, artifacts under ``root``); yields its URL, always stops it.
@@ -271,18 +287,13 @@ def mlflow_server(root: Path, backend_store_uri: str | None = None) -> Iterator[
     with log_path.open("w") as log:
         # its own process group: the server spawns its web workers, and stop_process_group stops them all
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        def healthy() -> None:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status != 200:
+                    raise OSError(f"health answered {answer.status}")
+
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                        if answer.status == 200:
-                            break
-                except OSError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.5)
+            wait_for(server, healthy, log_path, "mlflow server did not start")
             yield url
         finally:
             stop_process_group(server)

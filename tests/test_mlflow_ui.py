@@ -108,8 +108,8 @@ def test_compare_page_leads_with_the_key_figures(tracked_check, tmp_path):
                 page.wait_for_timeout(500)
                 page.screenshot(path=str(tmp_path / "compare.png"))
                 (tmp_path / "compare.html").write_text(page.content())
-                column_order = page.locator(".ReactVirtualized__Grid").nth(1).evaluate("g => g.firstElementChild.scrollHeight")
-                names, values = _read_grid(page, float(column_order))
+                total_height = page.locator(".ReactVirtualized__Grid").nth(1).evaluate("g => g.firstElementChild.scrollHeight")
+                names, values = _read_grid(page, float(total_height))
             finally:
                 browser.close()
 

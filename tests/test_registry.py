@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import free_port, reduced_params, stop_process_group
+from conftest import free_port, reduced_params, stop_process_group, wait_for
 from conftest import mlflow_server as start_mlflow_server
 
 EXPERIMENT = "rcat-registry-test"
@@ -134,20 +133,15 @@ def _serve_and_predict(model_uri: str, batch, expected) -> None:
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    body = json.dumps({"inputs": batch.tolist()}).encode()
+
+    def predict():
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return np.asarray(json.loads(answer.read())["predictions"], dtype=np.float32)
+
     try:
-        deadline = time.monotonic() + 120
-        body = json.dumps({"inputs": batch.tolist()}).encode()
-        while True:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=10) as answer:
-                    predictions = np.asarray(json.loads(answer.read())["predictions"], dtype=np.float32)
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not answer: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.5)
+        predictions = wait_for(server, predict, Path(log.name), "mlflow models serve did not answer")
         assert predictions.shape == expected.shape and np.allclose(predictions, expected, atol=1e-5)
     finally:
         stop_process_group(server)
