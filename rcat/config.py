@@ -262,6 +262,10 @@ class WeightPoint(Section):
     beta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
+HINGE_MARGIN = 1.0
+"""The default ``margin`` of ``constraint_term: margin_hinge``, in logit units."""
+
+
 class MethodConfig(Section):
     """One fine-tuning method. Losses are defined in :mod:`rcat.losses`.
 
@@ -278,6 +282,9 @@ class MethodConfig(Section):
     cross-entropy up-weighted on those samples: Bansal et al.'s 2019 "new-error" loss, the
     BackwardCompatibilityML baseline, moved to the old model's robust set; it has no term toward
     the old model's logits). ``focal_ce`` is the former name of ``new_error`` and means the same.
+    ``margin_hinge`` (a lead beyond the paper): the hinge ``max(0, margin - (z_y - max_{j != y}
+    z_j))`` on the adversarial logit margin of those samples, zero once the true class leads by
+    ``margin`` (logit units, default 1; set only with ``margin_hinge``).
 
     ``grid`` (instead of ``alpha``/``beta``): fine-tune once per ``{alpha, beta}`` point and keep
     the one with the lowest S-NFR on the validation split among the points whose accuracy and
@@ -306,7 +313,8 @@ class MethodConfig(Section):
     alpha: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
     beta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
     constraint_set: Literal["paper_proxy", "attack_cache", "class_reweighted", "random_class_matched"] = "paper_proxy"
-    constraint_term: Literal["distill", "new_error", "focal_ce"] = "distill"
+    constraint_term: Literal["distill", "new_error", "focal_ce", "margin_hinge"] = "distill"
+    margin: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)] = HINGE_MARGIN
     distance: Literal["mean", "sum"] = "mean"
     epochs: Annotated[int, Field(ge=0, le=10_000)] | None = None
     lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
@@ -349,6 +357,8 @@ class MethodConfig(Section):
             raise ValueError(f"constraint_set / constraint_term apply to loss: rcat only, not {self.loss!r}")
         if self.loss == "at" and self.distance != "mean":
             raise ValueError("at has no distillation term; drop distance")
+        if self.margin != HINGE_MARGIN and self.constraint_term != "margin_hinge":
+            raise ValueError(f"margin applies to constraint_term: margin_hinge only, not {self.constraint_term!r}; drop margin")
         return self
 
 

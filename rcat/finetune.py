@@ -245,7 +245,7 @@ def finetune(
             new0_logits = frozen_new(inputs)
         mask = weights[positions].to(device) if weights is not None else None
         terms = rcat_loss(logits, old_logits, new0_logits, y, method.alpha, method.beta, constraint_mask=mask,
-                          constraint_term=method.constraint_term, distance_reduction=method.distance)
+                          constraint_term=method.constraint_term, distance_reduction=method.distance, margin=method.margin)
         return terms, logits
 
     history = _epochs(

@@ -21,6 +21,9 @@ Losses (all reduce to a scalar):
   + beta * mean_{i in O} D(z_i, z_old_i), with O = {old model correct on x~}, N = {frozen new
   model correct on x~}. The masked means divide by max(|O|, 1) and max(|N|, 1): the authors'
   code divides by |O| and returns NaN on a batch where the mask is empty.
+  The beta term's penalty can be replaced (``constraint_term``): ``new_error`` puts the per-sample
+  CE(z_i, y_i) there, ``margin_hinge`` the hinge ``max(0, kappa - (z_y - max_{j != y} z_j))`` on
+  the logit margin (:func:`margin_hinge`).
 
 With alpha = beta = 0, ``rcat`` equals ``at`` exactly (tested).
 """
@@ -42,6 +45,18 @@ def logit_distance(logits: torch.Tensor, reference: torch.Tensor, reduction: str
     if reduction == "sum":
         return squared.sum(dim=1) / 2
     raise ValueError(f"distance reduction {reduction!r}: use 'mean' or 'sum'")
+
+
+def margin_hinge(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per-sample ``max(0, kappa - (z_y - max_{j != y} z_j))`` with ``kappa = margin``; shape ``(N,)``, range [0, inf).
+
+    Zero once the true class leads every other logit by ``margin`` or more: unlike cross-entropy
+    it stops pushing a sample that is already classified with that margin, so it asks only for
+    what a robustness regression is about (the sample stays on the right side of the boundary).
+    """
+    true_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return F.relu(margin - (true_logit - others.max(dim=1).values))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,6 +120,7 @@ def rcat_loss(
     constraint_mask: torch.Tensor | None = None,
     constraint_term: str = "distill",
     distance_reduction: str = "mean",
+    margin: float = 1.0,
 ) -> LossTerms:
     """RCAT: (1-alpha-beta) CE + alpha * mean_N D(z, z_new0) + beta * mean_O penalty.
 
@@ -116,7 +132,8 @@ def rcat_loss(
     (``new_error``; ``focal_ce`` is its former name). The latter has no term toward the old
     model's logits: it is Bansal et al.'s "new-error" loss (AAAI 2019; BackwardCompatibilityML's
     ``new_error`` loss: cross-entropy up-weighted on the samples the old model got right), here on
-    adversarial inputs and on the old model's robust set. Denominators are clamped to at least 1.
+    adversarial inputs and on the old model's robust set; or the margin hinge (``margin_hinge``,
+    :func:`margin_hinge` with ``kappa = margin``). Denominators are clamped to at least 1.
     """
     old_logits, new0_logits = old_logits.detach(), new0_logits.detach()  # fixed targets
     ce = F.cross_entropy(logits, labels)
@@ -127,8 +144,10 @@ def rcat_loss(
         penalty = logit_distance(logits, old_logits, distance_reduction)
     elif constraint_term in {"new_error", "focal_ce"}:
         penalty = F.cross_entropy(logits, labels, reduction="none")
+    elif constraint_term == "margin_hinge":
+        penalty = margin_hinge(logits, labels, margin)
     else:
-        raise ValueError(f"constraint_term {constraint_term!r}: use 'distill' or 'new_error'")
+        raise ValueError(f"constraint_term {constraint_term!r}: use 'distill', 'new_error' or 'margin_hinge'")
     distill_old = beta * masked_mean(penalty, constrained)
     ce_term = (1.0 - alpha - beta) * ce
     return LossTerms(ce_term + distill_new + distill_old, ce_term, distill_new, distill_old, float(constrained.float().mean()))

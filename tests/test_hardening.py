@@ -375,3 +375,22 @@ def test_champion_reference_without_a_pin_is_one_line(tmp_path):
         read_champion_pin(tmp_path / "rcat-champion.json")
     (tmp_path / "rcat-champion.json").write_text('{"reference": "models:/rcat-digits/7"}')
     assert read_champion_pin(tmp_path / "rcat-champion.json") == "models:/rcat-digits/7"
+
+
+@pytest.mark.parametrize("name", ["cifar10.yaml", "cifar10_compare.yaml", "cifar10_pair.yaml", "cifar10_pair_gpu.yaml"])
+def test_every_benchmark_profile_is_a_valid_params_file(name):
+    from conftest import REPO_ROOT
+
+    params = load_params(REPO_ROOT / "benchmarks" / "profiles" / name)
+    assert params.finetune.methods
+
+
+def test_the_comparisons_families_name_its_methods_once_each():
+    from conftest import REPO_ROOT
+    from rcat.config import read_yaml
+
+    profiles = REPO_ROOT / "benchmarks" / "profiles"
+    methods = load_params(profiles / "cifar10_compare.yaml").finetune.methods
+    listed = [point for points in read_yaml(profiles / "cifar10_compare.families.yaml")["families"].values() for point in points]
+    assert sorted(listed) == sorted(methods)
+    assert methods["hinge_b4"].constraint_term == "margin_hinge"

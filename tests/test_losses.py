@@ -242,3 +242,36 @@ def test_a_methods_own_budget_overrides_the_shared_one():
         MethodConfig(loss="at", distance="sum")
     with pytest.raises(ValueError, match="loss: rcat only"):
         MethodConfig(loss="pct", constraint_set="class_reweighted")
+
+
+def test_margin_hinge_by_hand():
+    from rcat.losses import margin_hinge
+
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5], [1.0, 4.0, 0.0]])
+    labels = torch.tensor([0, 1, 0])
+    # margins z_y - max_{j != y} z_j: 2.0, 0.5, -3.0; hinge at kappa 1: 0, 0.5, 4.0
+    assert margin_hinge(logits, labels, 1.0).tolist() == [0.0, 0.5, 4.0]
+    assert margin_hinge(logits, labels, 2.5).tolist() == [0.5, 2.0, 5.5]
+
+
+def test_rcat_margin_hinge_term_is_the_masked_mean_hinge():
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5], [1.0, 4.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 1, 0])
+    zeros = torch.zeros(3, 3)
+    mask = torch.tensor([False, True, True])
+    terms = rcat_loss(logits, zeros, zeros, labels, 0.0, 0.5, constraint_mask=mask, constraint_term="margin_hinge", margin=1.0)
+    assert float(terms.distill_old) == pytest.approx(0.5 * (0.5 + 4.0) / 2)
+    assert float(terms.total) == pytest.approx(0.5 * CE(logits.detach(), labels) + 0.5 * 2.25)
+    terms.distill_old.backward()
+    # d/dz of 0.5 * mean over the 2 masked samples of (kappa - z_y + z_runner_up): -/+ 0.25 on those two logits only
+    assert logits.grad.tolist() == [[0.0, 0.0, 0.0], [0.0, -0.25, 0.25], [-0.25, 0.25, 0.0]]
+
+
+def test_margin_is_set_only_with_the_margin_hinge():
+    from rcat.config import MethodConfig
+
+    assert MethodConfig(loss="rcat", beta=0.4, constraint_term="margin_hinge", margin=2.0).margin == 2.0
+    with pytest.raises(ValueError, match="margin_hinge only"):
+        MethodConfig(loss="rcat", beta=0.4, constraint_term="new_error", margin=2.0)
+    with pytest.raises(ValueError, match="margin"):
+        MethodConfig(loss="rcat", beta=0.4, constraint_term="margin_hinge", margin=0.0)

@@ -132,6 +132,7 @@ def method_params(params: Params, method_name: str) -> dict[str, Any]:
     weights = {"alpha": method.alpha, "beta": method.beta} if method.grid is None else {"grid": json.dumps([p.model_dump() for p in method.grid])}
     return {"method": method_name, "loss": method.loss, **weights,
             "constraint_set": method.constraint_set, "constraint_term": method.constraint_term, "distance": method.distance,
+            **({"margin": method.margin} if method.constraint_term == "margin_hinge" else {}),
             "train_attack": params.finetune.for_method(method).attack.label(), **{f"finetune.{k}": v for k, v in shared.items()}}
 
 
