@@ -34,7 +34,7 @@ def peak_mb() -> float:
 
 
 def current_mb() -> float:
-    from rcat.engine import resident_bytes
+    from rcat.heap import resident_bytes
 
     return (resident_bytes() or 0) / 2**20
 

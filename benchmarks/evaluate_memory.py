@@ -99,6 +99,7 @@ def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None) -> dict:
     import rcat.engine as engine
     from rcat.config import parse_params
     from rcat.data import load_data_argument
+    from rcat.heap import resident_bytes
     from rcat.models import load_model
     from rcat.stages.attacking import attack_model_on_splits
 
@@ -115,7 +116,7 @@ def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None) -> dict:
 
     def measured(*args, **kwargs):
         result = compute_chunk(*args, **kwargs)
-        rows.append({"chunk": kwargs["index"], "resident_mb": round((engine.resident_bytes() or 0) / 2**20, 1), "peak_mb": round(peak_mb(), 1)})
+        rows.append({"chunk": kwargs["index"], "resident_mb": round((resident_bytes() or 0) / 2**20, 1), "peak_mb": round(peak_mb(), 1)})
         print(f"chunk {kwargs['index']}: resident {rows[-1]['resident_mb']:.0f} MB, peak so far {rows[-1]['peak_mb']:.0f} MB", flush=True)
         return result
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import sys
 import time
 import warnings
@@ -61,6 +60,7 @@ from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
 from rcat.config import AttackConfig
 from rcat.errors import InputError
 from rcat.executors import Executor, SerialExecutor, executor_for
+from rcat.heap import release_free_memory
 from rcat.pixels import as_float_images, content_digest
 from rcat.safe_io import (
     frame_digest,
@@ -222,55 +222,10 @@ def compute_chunk(network: nn.Module, images: torch.Tensor, labels: torch.Tensor
         write_tensors(directory / adversarial_name(index), {"adversarial": adversarial.float(), "sample_index": sample_index.cpu()}, metadata)
     path = write_parquet(directory / shard_name(index), frame, metadata)
     del result, adversarial
-    release_free_memory()
+    release_free_memory()  # fragmentation would otherwise make the resident size creep chunk after chunk (rcat.heap)
     record = {"file": path.name, "rows": len(frame), "sha256": sha256_file(path), "seconds": round(time.perf_counter() - began, 3),
               "torch_threads": torch.get_num_threads(), "robust": int(frame["robust"].sum()), "clean_correct": int(frame["clean_correct"].sum())}
     return record, frame
-
-
-TRIM_GROWTH_BYTES = 32 * 2**20
-"""Resident growth since the last trim above which :func:`release_free_memory` trims the heap."""
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) when the resident size grew by
-    more than :data:`TRIM_GROWTH_BYTES` since the last trim; a no-op elsewhere than glibc.
-
-    An attack allocates and frees tens of MB per batch (activations, gradients); glibc keeps the
-    freed pages in its arenas, and fragmentation makes the resident size creep up chunk after
-    chunk (by about 250 MB over 50,000 CIFAR images without trimming, measured) although nothing
-    is held. Trimming after every chunk bounds that, but costs 1-4% of the attack's time: the
-    next chunk faults every released page in again. Trimming only past a growth threshold keeps
-    the bound (threshold plus one chunk's transients) and pays the faults rarely.
-    """
-    global _MALLOC_TRIM, _TRIMMED_AT
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if not _MALLOC_TRIM:
-        return
-    resident = resident_bytes()
-    if resident is not None and _TRIMMED_AT is not None and resident - _TRIMMED_AT <= TRIM_GROWTH_BYTES:
-        return
-    _MALLOC_TRIM(0)
-    _TRIMMED_AT = resident_bytes()
-
-
-def resident_bytes() -> int | None:
-    """This process's resident set size in bytes (Linux ``/proc/self/statm``; None elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-_MALLOC_TRIM: Any = None
-_TRIMMED_AT: int | None = None
 
 
 def _load_shard(path: Path, key: str, expected_index: np.ndarray, sha256: str | None, columns: list[str]) -> tuple[pd.DataFrame | None, str]:

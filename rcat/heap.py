@@ -1,0 +1,70 @@
+"""The process's C heap (glibc malloc): its free bytes, handing them back, its resident size.
+
+An attack allocates and frees tens to hundreds of MB per batch (activations, gradients). glibc
+keeps freed blocks in its arenas for reuse; fragmentation then makes the resident size and the
+peak creep up chunk after chunk although nothing is held (measured: ``benchmarks/evaluate_memory.py``).
+:func:`release_free_memory` returns those free pages to the kernel when there are many of them.
+
+Everything here reads the process's state each time and keeps none of its own (no module
+globals besides the cached ``libc`` handle); off glibc every function is a no-op returning None
+or False.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+TRIM_FREE_BYTES = 32 * 2**20
+"""Free bytes in malloc's arenas above which :func:`release_free_memory` trims (32 MiB)."""
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc >= 2.33), ten ``size_t`` fields in this order."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc with ``malloc_trim`` and ``mallinfo2``, else None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.mallinfo2.argtypes, libc.mallinfo2.restype = [], _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes malloc holds free in its arenas (``mallinfo2().fordblks``, main arena plus the others); None off glibc."""
+    libc = _glibc()
+    return None if libc is None else int(libc.mallinfo2().fordblks)
+
+
+def release_free_memory(threshold: int = TRIM_FREE_BYTES) -> bool:
+    """Hand malloc's free pages back to the kernel (``malloc_trim(0)``) when more than ``threshold``
+    bytes are free in its arenas; return whether it trimmed.
+
+    Trimming after every chunk unconditionally costs 1-4% of an attack's time (the next chunk
+    faults the released pages in again); deciding on the free bytes malloc reports keeps the
+    bound (threshold plus one chunk's transients) and trims only when there is something to give.
+    """
+    libc = _glibc()
+    free = free_heap_bytes()
+    if libc is None or free is None or free <= threshold:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size in bytes (Linux ``/proc/self/statm``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
