@@ -49,9 +49,11 @@ def release_free_memory(threshold: int = TRIM_FREE_BYTES) -> bool:
     """Hand malloc's free pages back to the kernel (``malloc_trim(0)``) when more than ``threshold``
     bytes are free in its arenas; return whether it trimmed.
 
-    Trimming after every chunk unconditionally costs 1-4% of an attack's time (the next chunk
-    faults the released pages in again); deciding on the free bytes malloc reports keeps the
-    bound (threshold plus one chunk's transients) and trims only when there is something to give.
+    Bounds the resident size between chunks to what is live plus ``threshold``. malloc keeps
+    counting a trimmed block as free (its pages are released, the block stays in the free lists),
+    so once the heap is fragmented this trims on most calls: each costs the next chunk's page
+    faults, 1-4% of a FGSM attack's time (docs/BENCHMARKS.md), less for multi-step attacks. The
+    earlier rule (trim only after the resident size grew by 32 MB) needed per-process state.
     """
     libc = _glibc()
     free = free_heap_bytes()
