@@ -99,9 +99,10 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
-    """Write ``payload`` as indented, key-sorted JSON, atomically. NaN and inf become ``null``."""
-    text = json.dumps(_nan_to_none(payload), indent=2, sort_keys=True, default=_json_default)
+def write_json(path: str | os.PathLike[str], payload: Any, *, sort_keys: bool = True) -> Path:
+    """Write ``payload`` as indented JSON, atomically: keys sorted, or in the payload's own order with
+    ``sort_keys=False`` (for files whose order a reader shows, like DVC's metrics). NaN and inf become ``null``."""
+    text = json.dumps(_nan_to_none(payload), indent=2, sort_keys=sort_keys, default=_json_default)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)

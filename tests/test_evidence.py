@@ -209,6 +209,8 @@ def test_tidy_candidate_table(project):
 def test_check_json_is_the_verdict_and_its_candidates_figures(evaluated_project):
     """`dvc exp show` reads data/decide/check.json: verdict, 0/1, candidate and its confirmation-split figures."""
     check = json.loads((evaluated_project / "data/decide/check.json").read_text())
+    # the order `dvc exp show` shows: the verdict is the first metric column, the one DVC never collapses
+    assert list(check) == ["verdict", "candidate", "accuracy", "robust_accuracy", "nfr", "rnfr", "snfr", "promote"]
     record = json.loads((evaluated_project / "data/decide/decision.json").read_text())
     candidate = record["candidate"] or record["selected_on_validation"]
     assert (check["verdict"], check["promote"], check["candidate"]) == (record["verdict"], int(record["verdict"] == "promote"), candidate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import time
 
@@ -14,8 +15,14 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def dvc(work, *args):
-    result = subprocess.run(["dvc", *args], cwd=work, capture_output=True, text=True)
+CHECK_COLUMNS = ("verdict", "candidate", "accuracy", "robust_accuracy", "nfr", "rnfr", "snfr", "promote")
+"""data/decide/check.json's keys in the order `dvc exp show` shows them."""
+SHOW_CHANGED = ("exp", "show", "--no-pager", "--only-changed", "--keep", "^(verdict|candidate)$")
+"""The README's command for comparing checks in a terminal: what differs between them, and always the verdict and candidate."""
+
+
+def dvc(work, *args, env=None):
+    result = subprocess.run(["dvc", *args], cwd=work, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
 
@@ -55,9 +62,9 @@ def test_dvc_repro_end_to_end(reproduced_project, reproduced_workspace):
     subprocess.run(["git", "add", "-A"], cwd=work, check=True, capture_output=True)  # experiments need a baseline commit
     subprocess.run(["git", "-c", "user.name=rcat-test", "-c", "user.email=test@rcat", "commit", "-qm", "baseline"], cwd=work, check=True)
     header = dvc(work, "exp", "show", "--csv").splitlines()[0].split(",")
-    # `dvc exp show` leads with the verdict (metrics come before params) and fits a terminal
-    assert len(header) <= 200, len(header)
-    assert header.index("verdict") < header.index("seed") and {"promote", "candidate", "rnfr", "snfr"} <= set(header), header[:20]
+    # `dvc exp show` leads with the verdict: the first metric column (DVC keeps check.json's key order), before every param
+    assert header[header.index("Created") + 2 : header.index("Created") + 10] == list(CHECK_COLUMNS), header[:14]
+    assert header.index("promote") < header.index("seed"), header[:20]
 
     decision = json.loads((work / "data/decide/decision.json").read_text())
     # the verdict follows from the record: a promotion names an admissible candidate, a rejection none
@@ -157,6 +164,14 @@ def test_queued_experiment_logs_into_the_project_store_and_shows_its_verdict(rep
         assert rows[name]["verdict"] == baseline["verdict"] and rows[name]["candidate"] == (baseline["candidate"] or "")
         assert float(rows[name]["rnfr"]) == pytest.approx(baseline["rnfr"])  # a rules-only change: the same evaluations
     assert float(rows["stricter-nfr"]["decision.rules.max_nfr"]) == pytest.approx(rule / 2)
+    # as a person sees it in a 200-column terminal: no line wider, the verdict and the changed param in full
+    table = dvc(work, *SHOW_CHANGED, env={**os.environ, "COLUMNS": "200"})
+    lines = table.splitlines()
+    assert lines and max(len(line) for line in lines) <= 200, table
+    header = next(line for line in lines if "Experiment" in line)
+    assert {"verdict", "candidate", "decision.rules.max_nfr"} <= set(header.split()), table
+    row = next(line for line in lines if "stricter-nfr" in line)
+    assert baseline["verdict"] in row.split() and f"{rule / 2:g}" in row, table
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")  # the project's own store
     experiment = client.get_experiment_by_name(yaml.safe_load((work / "params.yaml").read_text())["tracking"]["experiment"])

@@ -99,15 +99,17 @@ CHECK_FIGURES = ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr", "snfr")
 
 
 def check_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """The few values ``dvc exp show`` leads with: ``verdict`` (promote|reject), ``promote`` (1|0),
-    ``candidate`` (the promoted one, else the one selected on validation, else ``none``) and its
-    confirmation-split accuracy, robust accuracy, NFR, RNFR and S-NFR (null when it has none)."""
+    """The few values ``dvc exp show`` leads with, in this order (DVC keeps a metrics file's key order,
+    and the first column of a group is the one it never collapses): ``verdict`` (promote|reject),
+    ``candidate`` (the promoted one, else the one selected on validation, else ``none``), its
+    confirmation-split accuracy, robust accuracy, NFR, RNFR and S-NFR (null when it has none), and
+    ``promote`` (1|0, for plots and sorting)."""
     candidate = record.get("candidate") or record.get(f"selected_on_{record.get('selection_split', 'validation')}")
     split = record.get("confirmation_split", "test")
     evaluations = (record.get("replay") or {}).get("evaluations") or {}
     metrics = (evaluations.get(candidate) or {}).get(split) or {} if candidate else {}
     figures = {key.removesuffix("_new"): metrics.get(key) for key in CHECK_FIGURES}
-    return {"verdict": record["verdict"], "promote": int(record["verdict"] == "promote"), "candidate": candidate or "none", **figures}
+    return {"verdict": record["verdict"], "candidate": candidate or "none", **figures, "promote": int(record["verdict"] == "promote")}
 
 
 def describe_decision(record: dict[str, Any]) -> str:
@@ -136,7 +138,7 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
         refused = {"verdict": "reject", "candidate": None, "reasons": [f"evidence check failed: {exc}"], "problems": [str(exc)],
                    "evidence_verified": False}
         write_json(layout.decision, sign(refused))
-        write_json(layout.check, check_summary(refused))
+        write_json(layout.check, check_summary(refused), sort_keys=False)
         raise
     record = decide_update(evaluations, params.decision, expected)
     record["problems"] = problems
@@ -150,7 +152,7 @@ def decide(params: Params, layout: Layout, tracker: Tracker | None = None) -> di
                         "num_classes": num_classes}
     record = sign(record)
     write_json(layout.decision, record)
-    write_json(layout.check, check_summary(record))
+    write_json(layout.check, check_summary(record), sort_keys=False)
     _write_tradeoff(evaluations, layout.tradeoff)
     if tracker is not None:
         parent = tracker.parent()
