@@ -53,10 +53,9 @@ from typing import IO, Any, NamedTuple, cast
 import numpy as np
 import pandas as pd
 import torch
-import torchattacks
 from torch import nn
 
-from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes
+from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes, torchattacks
 from rcat.config import AttackConfig
 from rcat.errors import InputError
 from rcat.executors import Executor, SerialExecutor, executor_for

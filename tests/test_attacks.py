@@ -211,3 +211,21 @@ def test_nan_logits_are_refused(tiny_split):
             Broken(), tiny_split.images[:4], tiny_split.labels[:4], tiny_split.sample_index[:4], APGD,
             num_classes=10, seed=0, provenance=PROVENANCE,
         )
+
+
+def test_importing_the_adapter_defers_scipy_stats_and_a_later_user_gets_the_real_module():
+    """torchattacks imports scipy.stats for TI-FGSM only; the adapter defers it (a second of every attacking stage's start),
+    and whoever uses scipy.stats afterwards gets the same module a plain import gives."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import rcat.attacks\n"
+        "print('scipy.stats._stats_py' in sys.modules)\n"
+        "from scipy import stats\n"
+        "import scipy.stats as again\n"
+        "print(again is stats, round(float(stats.norm.pdf(0.0)), 6), 'scipy.stats._stats_py' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True", "0.398942", "True"], result.stdout + result.stderr
