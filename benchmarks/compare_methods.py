@@ -243,7 +243,13 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     seed_dirs = sorted((ROOT / "docs" / "results" / name).glob("seed-*"))
     if not seed_dirs:
         sys.exit(f"no docs/results/{name}/seed-*/ yet: run a seed first")
-    wanted = {point for family in compare["families"].values() for point in family}
+    optional = set(compare.get("optional_families") or [])
+    unknown = optional - set(compare["families"])
+    if unknown:
+        sys.exit(f"optional_families names no family of the comparison: {sorted(unknown)}")
+    # a seed enters the means with every point of the required families; an optional family's points are in the means
+    # only where every such seed has them (else they show in the per-seed table alone)
+    wanted = {point for family, points in compare["families"].items() if family not in optional for point in points}
     per_seed, seed_names, by_seed = [], [], {}
     for seed_dir in seed_dirs:
         if not (seed_dir / "new.json").is_file():
@@ -301,7 +307,9 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     at_name = selections[0]["at"]
     at_row = by_point.loc[at_name]
     matched_table: dict[str, Any] = {}
-    for family in compare["families"]:
+    for family, family_points in compare["families"].items():
+        if not common & set(family_points):
+            continue  # an optional family not run on every seed in the means: in the per-seed table only
         point = matches[0].get(family)
         if point is None:
             matched_table[family] = None
@@ -337,7 +345,7 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     pair = {role: {"accuracy": methods[role]["accuracy"], "robust_accuracy": methods[role]["robust_accuracy"],
                    "min_class_accuracy": min(methods[role]["class_accuracy"])} for role in ("old", "new")}
     pair["seeds"] = len(per_seed)
-    controls = [f for f in compare["families"] if f.startswith("control")]
+    controls = [f for f in compare["families"] if f.startswith("control") and f in matched_table]
     candidates = {f: e for f, e in matched_table.items() if e is not None and f != "at" and f not in controls and e["nfr_at_most_at"]}
     best = min(candidates.items(), key=lambda item: item[1]["rnfr"]) if candidates else None
     per_seed_points = {seed: {point: {k: round(float(test[k]), 4) for k in ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr")}
@@ -345,7 +353,7 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     result = {
         "methods": methods, "pair": pair, "matched": {f: e for f, e in matched_table.items()},
         "best_at": at_name, "selected": selections[0], "seeds": len(per_seed), "n_test_samples": n_test,
-        "seeds_in_means": seed_names, "seeds_partial": {seed: sorted(pts) for seed, pts in by_seed.items() if seed not in seed_names},
+        "seeds_in_means": seed_names, "points_not_in_means": sorted(set(family_of) - common), "seeds_partial": {seed: sorted(pts) for seed, pts in by_seed.items() if seed not in seed_names},
         "per_seed": per_seed_points,
         "headline": {"best_family": best[0] if best else None, "rnfr_cut_vs_at": best[1]["rnfr_cut_vs_at"] if best else None,
                      "target_cut": TARGET_RNFR_CUT, "target_met": bool(best and best[1]["rnfr_cut_vs_at"] is not None and best[1]["rnfr_cut_vs_at"] >= TARGET_RNFR_CUT),
@@ -378,6 +386,11 @@ def commit_matched_models(result: dict, compare: dict, name: str) -> None:
             continue
         source = work / entry["point"] / "model.safetensors"
         recorded = read_json(ROOT / "docs" / "results" / name / "seed-0" / f"{entry['point']}.json")["weights_sha256"]
+        committed = target / f"{entry['point']}.safetensors"
+        if committed.is_file() and sha256_file(committed) == recorded:
+            # committed by an earlier summary (its work directory need not exist on this machine)
+            models[entry["point"]] = {"family": family, "file": str(committed.relative_to(ROOT)), "sha256": recorded}
+            continue
         if not source.is_file() or sha256_file(source) != recorded:
             print(f"  {entry['point']}: its fine-tuned model is not in {source.parent} as evaluated; not committed", flush=True)
             continue
@@ -414,7 +427,9 @@ def markdown(result: dict, points: pd.DataFrame, compare: dict) -> str:
                      f"{pct(entry['rnfr'])} | {pct(entry['rnfr_cut_vs_at'])}% | {'yes' if entry['nfr_at_most_at'] else 'no'} | {paired} |")
     seeds = list(result["per_seed"])
     lines += ["", "Per seed (test, in %: clean acc / robust acc / NFR / RNFR; seeds in the means above: "
-              + ", ".join(result["seeds_in_means"]) + (f"; partial: {', '.join(result['seeds_partial'])}" if result["seeds_partial"] else "") + "):", "",
+              + ", ".join(result["seeds_in_means"]) + (f"; partial: {', '.join(result['seeds_partial'])}" if result["seeds_partial"] else "")
+              + (f"; not in the means, not run on every one of those seeds: {', '.join(result['points_not_in_means'])}" if result["points_not_in_means"] else "")
+              + "):", "",
               "| point | " + " | ".join(seeds) + " |", "|---|" + "---|" * len(seeds)]
     for point in ["new", *(p for family in compare["families"].values() for p in family)]:
         cells = []
