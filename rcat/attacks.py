@@ -27,6 +27,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from rcat.config import AttackConfig
+from rcat.errors import InputError
+
 
 def defer_scipy_stats() -> None:
     """Register ``scipy.stats`` with importlib's :class:`~importlib.util.LazyLoader`, unless it is imported already.
@@ -52,9 +55,6 @@ def defer_scipy_stats() -> None:
 
 defer_scipy_stats()
 import torchattacks  # noqa: E402  (after deferring scipy.stats)
-
-from rcat.config import AttackConfig
-from rcat.errors import InputError
 
 OUTCOME_COLUMNS = (
     "sample_index",
