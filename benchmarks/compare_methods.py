@@ -246,7 +246,8 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     optional = set(compare.get("optional_families") or [])
     unknown = optional - set(compare["families"])
     if unknown:
-        sys.exit(f"optional_families names no family of the comparison: {sorted(unknown)}")
+        sys.exit(f"{name}: optional_families names {sorted(unknown)}, which is no family of the comparison's families file; "
+                 f"list only names under 'families' ({sorted(compare['families'])})")
     # a seed enters the means with every point of the required families; an optional family's points are in the means
     # only where every such seed has them (else they show in the per-seed table alone)
     wanted = {point for family, points in compare["families"].items() if family not in optional for point in points}
