@@ -6,7 +6,7 @@ channels) for one epoch on 10,000 of the images (so that clean mistakes exist in
 proportion), then attacks every image with the engine (``rcat.engine.run_attack``, fresh cache,
 in process) with a cheap attack (FGSM, eps 8/255: the point is memory, not strength).
 
-Reports the peak resident set size of this process (``resource.getrusage``: ``ru_maxrss``) after
+Reports the peak resident set size of this process (``VmHWM``, :func:`peak_mb`) after
 each phase, the wall time of each phase and the load average of the machine. Exits 0 with
 ``{"skipped": ...}`` when the data folder is absent.
 
@@ -30,6 +30,16 @@ CIFAR_DIR = Path("/work/shared/data/cifar10-jpeg/train")
 
 
 def peak_mb() -> float:
+    """This process's peak RSS: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own memory.
+
+    Not ``ru_maxrss``: Linux carries it over fork and exec, so a child started by a 2.8 GB parent (``attack_throughput.py
+    --memory``) reported 2,784 MB for a run that peaks far lower (measured 2026-12-07). ``ru_maxrss`` where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -349,9 +349,14 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append((one2, two))
             identical = identical and two_frame.equals(one_frame)
         if args.dask:
+            import dask
             from distributed import LocalCluster
 
-            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            from rcat.dask_executor import DASK_CONFIG
+
+            # the cluster a user would start for rcat: its workers with DASK_CONFIG (the nanny's malloc variable unset, the
+            # periodic callbacks slowed); without it the same run gave 0.757x one thread (2026-12-07)
+            with dask.config.set(DASK_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
                 warmup = (images[: 2 * batch], labels[: 2 * batch], sample_index[: 2 * batch])
                 timed_engine(network, warmup, single, workdir / "cache-dask-warmup", batch, seed, dask_address=cluster.scheduler_address)
                 dask_two, dask_frame = timed_engine(network, split, single, workdir / "cache-dask", batch, seed, dask_address=cluster.scheduler_address)

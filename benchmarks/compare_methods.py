@@ -223,6 +223,25 @@ def matched(records: list[dict], compare: dict, at_point: dict) -> dict[str, str
     return result
 
 
+def seed_headline(records: list[dict], reference: dict, compare: dict, rules) -> dict[str, Any]:
+    """One seed on its own, with every point it has (optional ones included): the best AT selected on validation, each
+    family's matched point on test and its RNFR cut against that AT. Shows at once what points run on some seeds change."""
+    chosen = select(records, reference, compare, rules)
+    at_point = next(r for r in records if r["point"] == chosen["at"])
+    at_rnfr = at_point["test"]["rnfr"]
+    families: dict[str, Any] = {}
+    for family, point in matched(records, compare, at_point).items():
+        if point is None:
+            families[family] = None
+            continue
+        test = next(r for r in records if r["point"] == point)["test"]
+        families[family] = {"point": point, "accuracy": round(test["accuracy_new"], 4), "robust_accuracy": round(test["robust_accuracy_new"], 4),
+                            "nfr": round(test["nfr"], 4), "rnfr": round(test["rnfr"], 4),
+                            "rnfr_cut_vs_at": round(1 - test["rnfr"] / at_rnfr, 4) if at_rnfr > 0 else None}
+    return {"best_at": chosen["at"], "at_points": sorted(p for p in compare["families"]["at"] if any(r["point"] == p for r in records)),
+            "matched": families}
+
+
 def pareto(points: pd.DataFrame, accuracy: str) -> pd.Series:
     """True for the points no other point beats on both ``accuracy`` (higher) and RNFR (lower) (:func:`rcat.plots.pareto_mask`)."""
     return pd.Series(pareto_mask(points[accuracy].tolist(), points["rnfr"].tolist()), index=points.index)
@@ -250,7 +269,12 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
                  f"list only names under 'families' ({sorted(compare['families'])})")
     # a seed enters the means with every point of the required families; an optional family's points are in the means
     # only where every such seed has them (else they show in the per-seed table alone)
-    wanted = {point for family, points in compare["families"].items() if family not in optional for point in points}
+    optional_points = set(compare.get("optional_points") or [])
+    unknown_points = optional_points - {point for points in compare["families"].values() for point in points}
+    if unknown_points:
+        sys.exit(f"{name}: optional_points names {sorted(unknown_points)}, which is no point of the comparison's families file; "
+                 f"list only points under 'families'")
+    wanted = {point for family, points in compare["families"].items() if family not in optional for point in points} - optional_points
     per_seed, seed_names, by_seed = [], [], {}
     for seed_dir in seed_dirs:
         if not (seed_dir / "new.json").is_file():
@@ -297,9 +321,10 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
     frontier_plot(points, ROOT / "docs" / "results" / f"{name}_frontier.png")
 
     # selection and matching per seed (the rule is applied to each seed's own points), reported for seed 0 and as counts
-    selections, matches = [], []
-    for reference, records, _ in per_seed:
-        records = [r for r in records if r["point"] in common]
+    selections, matches, per_seed_headline = [], [], {}
+    for seed_name, (reference, all_records, _) in zip(seed_names, per_seed):
+        per_seed_headline[seed_name] = seed_headline(all_records, reference, compare, params.decision.rules)
+        records = [r for r in all_records if r["point"] in common]
         chosen = select(records, reference, compare, params.decision.rules)
         at_point = next(r for r in records if r["point"] == chosen["at"])
         selections.append(chosen)
@@ -355,7 +380,7 @@ def summary(raw: dict, compare: dict, name: str) -> dict[str, Any]:
         "methods": methods, "pair": pair, "matched": {f: e for f, e in matched_table.items()},
         "best_at": at_name, "selected": selections[0], "seeds": len(per_seed), "n_test_samples": n_test,
         "seeds_in_means": seed_names, "points_not_in_means": sorted(set(family_of) - common), "seeds_partial": {seed: sorted(pts) for seed, pts in by_seed.items() if seed not in seed_names},
-        "per_seed": per_seed_points,
+        "per_seed": per_seed_points, "per_seed_headline": per_seed_headline,
         "headline": {"best_family": best[0] if best else None, "rnfr_cut_vs_at": best[1]["rnfr_cut_vs_at"] if best else None,
                      "target_cut": TARGET_RNFR_CUT, "target_met": bool(best and best[1]["rnfr_cut_vs_at"] is not None and best[1]["rnfr_cut_vs_at"] >= TARGET_RNFR_CUT),
                      "controls_cut": {f: (matched_table[f] or {}).get("rnfr_cut_vs_at") for f in controls}},
@@ -438,6 +463,19 @@ def markdown(result: dict, points: pd.DataFrame, compare: dict) -> str:
             test = result["per_seed"][seed].get(point)
             cells.append(" / ".join(pct(test[k]) for k in ("accuracy_new", "robust_accuracy_new", "nfr", "rnfr")) if test else "not run")
         lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    lines += ["", "Each seed on its own, with every point it has (the best AT selected on validation among its AT points; "
+              "each family's matched point on that seed's test split; RNFR in %, cut against that seed's best AT):", "",
+              "| seed | AT points | best AT | " + " | ".join(f for f in compare["families"] if f != "at") + " |",
+              "|---|---|---|" + "---|" * (len(compare["families"]) - 1)]
+    for seed, headline in result["per_seed_headline"].items():
+        cells = []
+        for family in compare["families"]:
+            if family == "at":
+                continue
+            entry = headline["matched"].get(family)
+            cells.append("—" if entry is None else f"{entry['point']} {pct(entry['rnfr'])} ({pct(entry['rnfr_cut_vs_at'])}%)")
+        at_entry = headline["matched"]["at"]
+        lines.append(f"| {seed} | {len(headline['at_points'])} | {headline['best_at']} {pct(at_entry['rnfr'])} | " + " | ".join(cells) + " |")
     lines += ["", "| point | " + " | ".join(f"class {c}" for c in range(10)) + " | predicted per class (test) |", "|---|" + "---|" * 11]
     for name, entry in result["methods"].items():
         counts = entry.get("prediction_counts")

@@ -1,4 +1,4 @@
-"""Why two 1-thread Dask workers lose to one 2-thread process, and what ``rcat.engine.DASK_CONFIG`` buys.
+"""Why two 1-thread Dask workers lose to one 2-thread process, and what ``rcat.dask_executor.DASK_CONFIG`` buys.
 
 The same attack (APGD-DLR on a small CNN, 1,000 CIFAR-size samples in chunks of 200, one torch
 thread) is timed four ways, alternating, ``--repeat`` times each:
@@ -7,8 +7,8 @@ thread) is timed four ways, alternating, ``--repeat`` times each:
   each on its own copy of the work. Shows what the 2 cores give two independent processes.
 * one Dask worker alone, then two at once, on a local cluster created three ways:
   ``dask-default`` (distributed as shipped: its nanny sets ``MALLOC_TRIM_THRESHOLD_`` for the
-  workers), ``dask-env`` (that variable removed, the rest default) and ``dask-rcat``
-  (``rcat.engine.dask_worker_environment()``: also ``DASK_CONFIG``, profiler off and the event-loop
+  workers), ``dask-env`` (that variable unset, the rest default) and ``dask-rcat`` (the cluster
+  started under ``rcat.dask_executor.DASK_CONFIG``: also the profiler off and the event-loop
   tick, memory and system monitors slowed down).
 
 Per configuration it prints the median wall time of "one alone" and "two at once", and
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from distributed import Client, LocalCluster
 
-    from rcat.engine import DASK_CONFIG, dask_worker_environment
+    from rcat.dask_executor import DASK_CONFIG
 
     torch.set_num_threads(1)
     network, images, labels, config, note = _work()
@@ -126,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         together.append(plain(2))
     results["plain"] = {"alone": statistics.median(alone), "together": statistics.median(together)}
 
-    shipped = {key: dask.config.get(key) for key in DASK_CONFIG}
+    malloc_key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
     for name in ("dask-default", "dask-env", "dask-rcat"):
         with contextlib.ExitStack() as stack:
-            if name != "dask-default":
-                stack.enter_context(dask_worker_environment())
             if name == "dask-env":
-                stack.enter_context(dask.config.set(shipped))  # distributed's own values back
+                stack.enter_context(dask.config.set({malloc_key: DASK_CONFIG[malloc_key]}))  # only the nanny's malloc variable unset
+            if name == "dask-rcat":
+                stack.enter_context(dask.config.set(DASK_CONFIG))
             cluster = stack.enter_context(LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None))
             client = stack.enter_context(Client(cluster))
             addresses = sorted(client.scheduler_info()["workers"])

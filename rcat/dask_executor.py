@@ -35,9 +35,17 @@ DASK_CONFIG = {
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
+    # distributed's nanny starts each worker with MALLOC_TRIM_THRESHOLD_=65536, which turns off
+    # glibc's dynamic mmap threshold: an attack then ran 1.6-2.1x slower in a worker, and two such
+    # workers on 2 cores gave 0.76x of one thread in process (benchmarks/attack_throughput.py
+    # --dask, 2026-12-07). None unsets it (distributed.nanny._get_env_variables).
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
 }
-"""Dask settings for a cluster that runs rcat's attacks (give them to its scheduler and workers,
-e.g. as ``DASK_*`` variables of *their* processes); the driver's client uses them while it runs."""
+"""Dask settings for a cluster that runs rcat's attacks: give them to the processes that start its
+scheduler, nannies and workers (``with dask.config.set(DASK_CONFIG): LocalCluster(...)``, or as
+``DASK_*`` variables of *their* environment, e.g.
+``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None``); the driver's client
+uses them while it runs. rcat sets them in no process but its own client's scope."""
 
 
 def require_reachable(address: str, timeout: float = 5.0) -> None:

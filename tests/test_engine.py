@@ -399,6 +399,30 @@ def test_an_existing_dask_cluster_gives_the_single_process_result(trained_mlp, t
     assert engine.summary_of(on_cluster).workers == 2
 
 
+@pytest.mark.slow
+def test_a_cluster_started_under_dask_config_spawns_workers_without_the_nannys_malloc_variable(monkeypatch):
+    """distributed's nanny gives its workers MALLOC_TRIM_THRESHOLD_=65536 (attacks 1.6-2.1x slower, docs/BENCHMARKS.md);
+    DASK_CONFIG unsets it for the cluster a user starts with it, and keeps the one-thread numeric settings."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    from rcat.dask_executor import DASK_CONFIG
+
+    saved = dict(os.environ)  # the nanny writes its variables into the environment of the process that starts it
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # an earlier cluster in this process may have set it
+    try:
+        seen = {}
+        for name, settings in (("shipped", {}), ("rcat", DASK_CONFIG)):
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+            with dask.config.set(settings), distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                                     dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                seen[name] = client.submit(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")), pure=False).result()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert seen == {"shipped": ("65536", "1"), "rcat": (None, "1")}
+
+
 def test_no_module_of_the_core_imports_prefect():
     """Orchestration lives in pipelines/: the library never imports Prefect (a grep of rcat/ would show the same)."""
     offenders = [path.name for path in (Path(engine.__file__).parent).glob("*.py")
