@@ -191,8 +191,10 @@ def interval(successes: float, n: int) -> list[float]:
     return [round(low, 4), round(high, 4)]
 
 
-def select(records: list[dict], reference: dict, compare: dict, rules) -> dict[str, str]:
-    """Each family's point by the pipeline's own grid rule on validation (a single point is its own choice)."""
+def select(records: list[dict], reference: dict, compare: dict, rules, within: dict[str, bool] | None = None) -> dict[str, str]:
+    """Each family's point by the pipeline's own grid rule on validation (a single point is its own choice).
+    ``within``, when given, receives per family whether its point keeps the rule's drop limits against the new model
+    (:func:`rcat.decision.best_grid_point`: when no point does, the one that misses them by the least)."""
     chosen = {}
     by_point = {r["point"]: r for r in records}
     for family, points in compare["families"].items():
@@ -202,8 +204,10 @@ def select(records: list[dict], reference: dict, compare: dict, rules) -> dict[s
         if len(present) == 1:
             chosen[family] = present[0]
             continue
-        index, _ = best_grid_point([by_point[p]["validation"] for p in present], reference["validation"], rules)
+        index, kept = best_grid_point([by_point[p]["validation"] for p in present], reference["validation"], rules)
         chosen[family] = present[index]
+        if within is not None:
+            within[family] = kept
     return chosen
 
 
@@ -226,7 +230,8 @@ def matched(records: list[dict], compare: dict, at_point: dict) -> dict[str, str
 def seed_headline(records: list[dict], reference: dict, compare: dict, rules) -> dict[str, Any]:
     """One seed on its own, with every point it has (optional ones included): the best AT selected on validation, each
     family's matched point on test and its RNFR cut against that AT. Shows at once what points run on some seeds change."""
-    chosen = select(records, reference, compare, rules)
+    within: dict[str, bool] = {}
+    chosen = select(records, reference, compare, rules, within)
     at_point = next(r for r in records if r["point"] == chosen["at"])
     at_rnfr = at_point["test"]["rnfr"]
     families: dict[str, Any] = {}
@@ -238,7 +243,7 @@ def seed_headline(records: list[dict], reference: dict, compare: dict, rules) ->
         families[family] = {"point": point, "accuracy": round(test["accuracy_new"], 4), "robust_accuracy": round(test["robust_accuracy_new"], 4),
                             "nfr": round(test["nfr"], 4), "rnfr": round(test["rnfr"], 4),
                             "rnfr_cut_vs_at": round(1 - test["rnfr"] / at_rnfr, 4) if at_rnfr > 0 else None}
-    return {"best_at": chosen["at"], "at_points": sorted(p for p in compare["families"]["at"] if any(r["point"] == p for r in records)),
+    return {"best_at": chosen["at"], "best_at_within_limits": within.get("at", True), "at_points": sorted(p for p in compare["families"]["at"] if any(r["point"] == p for r in records)),
             "matched": families}
 
 
@@ -475,7 +480,8 @@ def markdown(result: dict, points: pd.DataFrame, compare: dict) -> str:
             entry = headline["matched"].get(family)
             cells.append("—" if entry is None else f"{entry['point']} {pct(entry['rnfr'])} ({pct(entry['rnfr_cut_vs_at'])}%)")
         at_entry = headline["matched"]["at"]
-        lines.append(f"| {seed} | {len(headline['at_points'])} | {headline['best_at']} {pct(at_entry['rnfr'])} | " + " | ".join(cells) + " |")
+        outside = "" if headline["best_at_within_limits"] else " (no AT point within the 1-point limits on validation: the nearest)"
+        lines.append(f"| {seed} | {len(headline['at_points'])} | {headline['best_at']} {pct(at_entry['rnfr'])}{outside} | " + " | ".join(cells) + " |")
     lines += ["", "| point | " + " | ".join(f"class {c}" for c in range(10)) + " | predicted per class (test) |", "|---|" + "---|" * 11]
     for name, entry in result["methods"].items():
         counts = entry.get("prediction_counts")
