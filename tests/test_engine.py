@@ -400,7 +400,7 @@ def test_an_existing_dask_cluster_gives_the_single_process_result(trained_mlp, t
 
 
 @pytest.mark.slow
-def test_a_cluster_started_under_dask_config_spawns_workers_without_the_nannys_malloc_variable(monkeypatch):
+def test_a_cluster_started_under_dask_config_spawns_workers_without_the_nannys_malloc_variable():
     """distributed's nanny gives its workers MALLOC_TRIM_THRESHOLD_=65536 (attacks 1.6-2.1x slower, docs/BENCHMARKS.md);
     DASK_CONFIG unsets it for the cluster a user starts with it, and keeps the one-thread numeric settings."""
     distributed = pytest.importorskip("distributed")
@@ -409,11 +409,10 @@ def test_a_cluster_started_under_dask_config_spawns_workers_without_the_nannys_m
     from rcat.dask_executor import DASK_CONFIG
 
     saved = dict(os.environ)  # the nanny writes its variables into the environment of the process that starts it
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # an earlier cluster in this process may have set it
     try:
         seen = {}
         for name, settings in (("shipped", {}), ("rcat", DASK_CONFIG)):
-            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # set by an earlier cluster in this process, workers would inherit it
             with dask.config.set(settings), distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
                 seen[name] = client.submit(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")), pure=False).result()
