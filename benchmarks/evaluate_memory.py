@@ -12,12 +12,15 @@ images in uint8 plus 20%, i.e. ``(n_large - n_small) * 3 * 32 * 32`` bytes * 1.2
 
     python benchmarks/evaluate_memory.py            # 10,000 and 50,000 images (about 10 minutes on 2 cores)
     python benchmarks/evaluate_memory.py --quick    # 2,000 and 10,000 images
-    python benchmarks/evaluate_memory.py --chunks 6000 [--mmap-threshold 1048576]   # where the peak grows: per chunk, in process
+    python benchmarks/evaluate_memory.py --chunks 6000 [--mmap-threshold 1048576] [--caches torch]   # where the peak grows: per chunk, in process
 
 ``--chunks N`` attacks the pair's old model on N images in this process and prints, after each
-chunk of the engine, the resident size and the peak so far; ``--mmap-threshold BYTES`` first fixes
+chunk of the engine, the resident size, the bytes malloc has handed out and not had back (live
+C heap, ``mallinfo2().uordblks``) and the peak so far; ``--mmap-threshold BYTES`` first fixes
 glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``, so large blocks are mapped and returned on
-free rather than served from a fragmenting heap).
+free rather than served from a fragmenting heap); ``--caches bounded`` (the default, as every rcat
+entry point does: :func:`rcat.heap.bound_shape_caches`) or ``torch`` (torch's own capacities of its
+per-shape convolution caches, 1,024 each) is set before the first convolution.
 
 The last line printed is one JSON line: ``peak_rss_mb_small``, ``peak_rss_mb_large``,
 ``difference_mb``, ``allowed_mb``, ``target_met`` and the sizes.
@@ -89,17 +92,24 @@ def evaluate_peak(n: int, scratch: Path) -> dict:
     return {"n": n, "peak_rss_mb": round(peak_mb, 1), "seconds": round(seconds, 1), "n_samples": result.get("n_samples")}
 
 
-def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None) -> dict:
-    """Attack the old model on ``n`` images in this process; the resident size and the peak after each engine chunk."""
+def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None, caches: str = "bounded") -> dict:
+    """Attack the old model on ``n`` images in this process; the resident size, live C heap and peak after each engine chunk."""
     import ctypes
     import resource
+
+    from rcat.heap import SHAPE_CACHE_LIMITS, _glibc, bound_shape_caches, resident_bytes
+
+    if caches == "bounded":
+        in_effect = bound_shape_caches()
+    else:  # torch's own capacities, whatever this environment says
+        os.environ.update({name: "1024" for name in SHAPE_CACHE_LIMITS})
+        in_effect = {name: os.environ[name] for name in SHAPE_CACHE_LIMITS}
 
     import torch
 
     import rcat.engine as engine
     from rcat.config import parse_params
     from rcat.data import load_data_argument
-    from rcat.heap import resident_bytes
     from rcat.models import load_model
     from rcat.stages.attacking import attack_model_on_splits
 
@@ -116,8 +126,11 @@ def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None) -> dict:
 
     def measured(*args, **kwargs):
         result = compute_chunk(*args, **kwargs)
-        rows.append({"chunk": kwargs["index"], "resident_mb": round((resident_bytes() or 0) / 2**20, 1), "peak_mb": round(peak_mb(), 1)})
-        print(f"chunk {kwargs['index']}: resident {rows[-1]['resident_mb']:.0f} MB, peak so far {rows[-1]['peak_mb']:.0f} MB", flush=True)
+        libc = _glibc()
+        rows.append({"chunk": kwargs["index"], "resident_mb": round((resident_bytes() or 0) / 2**20, 1),
+                     "heap_in_use_mb": round(libc.mallinfo2().uordblks / 2**20, 1) if libc is not None else None, "peak_mb": round(peak_mb(), 1)})
+        print(f"chunk {kwargs['index']}: resident {rows[-1]['resident_mb']:.0f} MB, C heap in use {rows[-1]['heap_in_use_mb']} MB, "
+              f"peak so far {rows[-1]['peak_mb']:.0f} MB", flush=True)
         return result
 
     engine.compute_chunk = measured  # serial executor: chunks run in this process, through this name
@@ -127,7 +140,7 @@ def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None) -> dict:
     old = load_model(str(PAIR_DIR / "old.safetensors"), "cpu")
     began = time.perf_counter()
     attack_model_on_splits(old, "old", {"all": split}, params.attack, 0, torch.device("cpu"), params.engine)
-    return {"n": n, "mmap_threshold": mmap_threshold, "chunks": rows, "seconds": round(time.perf_counter() - began, 1)}
+    return {"n": n, "mmap_threshold": mmap_threshold, "caches": in_effect, "chunks": rows, "seconds": round(time.perf_counter() - began, 1)}
 
 
 def main() -> int:
@@ -136,6 +149,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs=2, metavar=("SMALL", "LARGE"), help="the two sizes (multiples of 10)")
     parser.add_argument("--chunks", type=int, metavar="N", help="instead: the per-chunk probe on N images (see above)")
     parser.add_argument("--mmap-threshold", type=int, metavar="BYTES", help="with --chunks: fix glibc's mmap threshold first")
+    parser.add_argument("--caches", choices=("bounded", "torch"), default="bounded",
+                        help="with --chunks: the per-shape convolution caches as rcat bounds them, or at torch's capacities")
     args = parser.parse_args()
     if not CIFAR_DIR.is_dir() or not (PAIR_DIR / "new.safetensors").is_file():
         print(f"skipped: needs {CIFAR_DIR} and the committed pair in {PAIR_DIR}")
@@ -143,8 +158,10 @@ def main() -> int:
         return 0
     if args.chunks:
         with tempfile.TemporaryDirectory(prefix="rcat-chunk-probe-") as scratch_name:
-            probe = chunk_probe(args.chunks, Path(scratch_name), args.mmap_threshold)
-        print(f"{probe['seconds']} s; peak after the first chunk {probe['chunks'][0]['peak_mb']:.0f} MB, after the last {probe['chunks'][-1]['peak_mb']:.0f} MB")
+            probe = chunk_probe(args.chunks, Path(scratch_name), args.mmap_threshold, args.caches)
+        first, last = probe["chunks"][0], probe["chunks"][-1]
+        print(f"caches {probe['caches']}: {probe['seconds']} s; after the first chunk / the last: C heap in use {first['heap_in_use_mb']} / "
+              f"{last['heap_in_use_mb']} MB, peak {first['peak_mb']:.0f} / {last['peak_mb']:.0f} MB")
         print(json.dumps(probe))
         return 0
     small, large = args.sizes or ((2_000, 10_000) if args.quick else (10_000, 50_000))

@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from rcat.errors import EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_TRACKING, RcatError, TrackingError, UpdateRejected
+from rcat.heap import bound_shape_caches
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], rich_markup_mode=None)
 
@@ -441,6 +442,7 @@ _plain_help()
 
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+    bound_shape_caches()  # before the first convolution (rcat.heap)
     app()
 
 

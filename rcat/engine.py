@@ -59,7 +59,7 @@ from rcat.attacks import OUTCOME_COLUMNS, attack_outcomes, torchattacks
 from rcat.config import AttackConfig
 from rcat.errors import InputError
 from rcat.executors import Executor, SerialExecutor, executor_for
-from rcat.heap import release_free_memory
+from rcat.heap import bound_shape_caches, release_free_memory
 from rcat.pixels import as_float_images, content_digest
 from rcat.safe_io import (
     frame_digest,
@@ -487,6 +487,7 @@ def _attack_task(shared: tuple[nn.Module, AttackConfig, int, dict[str, Any]], ta
                  ) -> list[dict[str, Any]]:
     """One task's chunks ``jobs`` (index, position in the split), wherever the executor runs it;
     ``task``'s rows hold these chunks back to back. Writes each chunk's shard; returns their records."""
+    bound_shape_caches()  # a worker of the user's own Dask cluster has no other rcat entry point (rcat.heap)
     network, config, chunk_size, common = shared
     images, labels, sample_index, jobs = task
     records, local = [], 0

@@ -5,6 +5,15 @@ keeps freed blocks in its arenas for reuse; fragmentation then makes the residen
 peak creep up chunk after chunk although nothing is held (measured: ``benchmarks/evaluate_memory.py``).
 :func:`release_free_memory` returns those free pages to the kernel when there are many of them.
 
+A second cause of growth is not the allocator: torch's CPU convolutions (oneDNN, through
+ideep) cache one compiled primitive per layer, direction and *input shape*, by default up to
+1,024 of each kind. An attack meets a new shape in almost every batch (it attacks the samples the
+model classifies correctly, however many they are), so the live heap grew by about 2 MB per
+1,000-image chunk until those caches were full. :func:`bound_shape_caches` caps them for the
+process; process entry points call it before the first convolution. The peak within a chunk still
+climbs with the heap's fragmentation (docs/BENCHMARKS.md: only mapping every large block, at twice
+the attack's time, flattens it).
+
 Everything here reads the process's state each time and keeps none of its own (no module
 globals besides the cached ``libc`` handle); off glibc every function is a no-op returning None
 or False.
@@ -18,6 +27,28 @@ import os
 
 TRIM_FREE_BYTES = 32 * 2**20
 """Free bytes in malloc's arenas above which :func:`release_free_memory` trims (32 MiB)."""
+
+
+SHAPE_CACHE_LIMITS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "64"}
+"""Entries kept by oneDNN's primitive cache and by ideep's LRU cache of convolution descriptors
+(torch's defaults: 1,024 each). A ResNet-18 needs about 60 primitives per batch shape (20
+convolutions; forward, backward to the input, backward to the weights), so an epoch's shapes (the
+full batch and the last one) stay cached and fixed-shape training keeps its hits; an attack's
+ever-new shapes evict old entries instead of accumulating."""
+
+
+def bound_shape_caches() -> dict[str, str]:
+    """Cap torch's per-shape convolution caches at :data:`SHAPE_CACHE_LIMITS` unless the environment
+    already sets them (a user's value wins); return the values in effect.
+
+    The libraries read these variables once, at the process's first convolution: call this from
+    a process's entry point (rcat's command line, the DVC stages, the attack engine's workers)
+    before any model runs. Later calls change nothing the libraries already read. The caches hold
+    compiled kernels, not results: outcomes are bit-identical either way (tests/test_heap.py).
+    """
+    for name, value in SHAPE_CACHE_LIMITS.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in SHAPE_CACHE_LIMITS}
 
 
 class _MallInfo2(ctypes.Structure):

@@ -575,37 +575,3 @@ def test_keep_slots_busy_gives_the_next_item_to_the_slot_that_freed_first():
     assert placed == {0: "a", 1: "b", 2: "c", 3: "c", 4: "c"}
     assert list(keep_slots_busy([], ["a"], submit, _FinishInOrder)) == []
     assert [item for item, _ in keep_slots_busy(range(2), ["a"] * 8, submit, _FinishInOrder)] == [0, 1]
-
-
-def test_free_heap_memory_is_trimmed_only_past_the_threshold(monkeypatch):
-    from rcat import heap
-
-    trims: list[int] = []
-
-    class FakeLibc:
-        def malloc_trim(self, pad):
-            trims.append(pad)
-
-    free = iter([heap.TRIM_FREE_BYTES, heap.TRIM_FREE_BYTES + 1, 0])
-    monkeypatch.setattr(heap, "_glibc", lambda: FakeLibc())
-    monkeypatch.setattr(heap, "free_heap_bytes", lambda: next(free))
-    assert heap.release_free_memory() is False  # exactly the threshold free: nothing to give
-    assert heap.release_free_memory() is True and trims == [0]
-    assert heap.release_free_memory() is False and trims == [0]
-
-
-def test_trimming_hands_fragmented_free_memory_back():
-    from rcat import heap
-
-    if heap._glibc() is None:
-        pytest.skip("not glibc")
-    big = torch.ones(1024, 1024)  # 4 MiB: mapped, and its free raises glibc's dynamic mmap threshold past 1 MiB blocks
-    del big
-    blocks = [torch.ones(512, 512) for _ in range(64)]  # 64 MiB of 1 MiB blocks from the heap
-    kept = blocks[::8]  # every eighth stays: the free ones cannot all be returned from the top of the heap
-    del blocks
-    before = heap.resident_bytes()
-    assert heap.free_heap_bytes() > heap.TRIM_FREE_BYTES
-    assert heap.release_free_memory() is True
-    assert before - heap.resident_bytes() > 32 * 2**20
-    assert len(kept) == 8

@@ -28,9 +28,11 @@ def run_stage(stage: Callable[..., Any], *arguments: str, params_path: str = "pa
               describe: Callable[[Any], str] | None = None) -> Any:
     """Run ``stage`` for the project in the working directory; print ``describe(result)`` when given."""
     from rcat.config import load_params
+    from rcat.heap import bound_shape_caches
     from rcat.results import Layout
     from rcat.tracking import Tracker
 
+    bound_shape_caches()  # before the stage's first convolution (rcat.heap)
     try:
         params = load_params(params_path)
         result = stage(params, *arguments, layout=Layout(), tracker=Tracker(params))
