@@ -31,10 +31,11 @@ TRIM_FREE_BYTES = 32 * 2**20
 
 SHAPE_CACHE_LIMITS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "64"}
 """Entries kept by oneDNN's primitive cache and by ideep's LRU cache of convolution descriptors
-(torch's defaults: 1,024 each). A ResNet-18 needs about 60 primitives per batch shape (20
-convolutions; forward, backward to the input, backward to the weights), so an epoch's shapes (the
-full batch and the last one) stay cached and fixed-shape training keeps its hits; an attack's
-ever-new shapes evict old entries instead of accumulating."""
+(torch's defaults: 1,024 each). A network with L convolutions needs up to 3L primitives per batch
+shape (forward, backward to the input, backward to the weights): 45 for the committed CIFAR-10
+pair's 15, whose attacks ran no slower with these bounds (docs/BENCHMARKS.md). An
+attack's ever-new shapes evict old entries instead of accumulating. A much deeper network may
+want more: set the variables in the environment, which wins."""
 
 
 def bound_shape_caches() -> dict[str, str]:
