@@ -97,7 +97,7 @@ def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None, caches: str =
     import ctypes
     import resource
 
-    from rcat.heap import SHAPE_CACHE_LIMITS, _glibc, bound_shape_caches, resident_bytes
+    from rcat.heap import SHAPE_CACHE_LIMITS, bound_shape_caches, heap_in_use_bytes, resident_bytes
 
     if caches == "bounded":
         in_effect = bound_shape_caches()
@@ -126,9 +126,9 @@ def chunk_probe(n: int, scratch: Path, mmap_threshold: int | None, caches: str =
 
     def measured(*args, **kwargs):
         result = compute_chunk(*args, **kwargs)
-        libc = _glibc()
+        in_use = heap_in_use_bytes()
         rows.append({"chunk": kwargs["index"], "resident_mb": round((resident_bytes() or 0) / 2**20, 1),
-                     "heap_in_use_mb": round(libc.mallinfo2().uordblks / 2**20, 1) if libc is not None else None, "peak_mb": round(peak_mb(), 1)})
+                     "heap_in_use_mb": round(in_use / 2**20, 1) if in_use is not None else None, "peak_mb": round(peak_mb(), 1)})
         print(f"chunk {kwargs['index']}: resident {rows[-1]['resident_mb']:.0f} MB, C heap in use {rows[-1]['heap_in_use_mb']} MB, "
               f"peak so far {rows[-1]['peak_mb']:.0f} MB", flush=True)
         return result

@@ -77,6 +77,12 @@ def free_heap_bytes() -> int | None:
     return None if libc is None else int(libc.mallinfo2().fordblks)
 
 
+def heap_in_use_bytes() -> int | None:
+    """Bytes malloc has handed out and not had back (``mallinfo2().uordblks``, every arena): the live C heap; None off glibc."""
+    libc = _glibc()
+    return None if libc is None else int(libc.mallinfo2().uordblks)
+
+
 def release_free_memory(threshold: int = TRIM_FREE_BYTES) -> bool:
     """Hand malloc's free pages back to the kernel (``malloc_trim(0)``) when more than ``threshold``
     bytes are free in its arenas; return whether it trimmed.
