@@ -25,8 +25,12 @@ run: setup
 	@echo
 	@cat data/decide/decision.json | $(BIN)/python -c "import json,sys; d=json.load(sys.stdin); print('decision:', d['verdict'], d['candidate'] or '', '-', '; '.join(d['reasons']))"
 
+# on pytest-xdist workers, one per core: the suite is mostly single-threaded (imports, DVC, servers); tests that share an
+# expensive session fixture stay on one worker (tests/conftest.py, SHARED_FIXTURE_GROUPS)
+XDIST := -n auto --dist loadgroup
+
 test: setup
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest $(XDIST) --durations=15
 
 lint: setup
 	$(BIN)/ruff check rcat stages pipelines benchmarks tests
@@ -36,7 +40,7 @@ typecheck: setup
 
 # the inner loop: everything but the end-to-end runs marked slow
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 # the property-based tests with many more examples than the suite's 40 per test (seeded: reproducible)
 FUZZ_EXAMPLES ?= 2000

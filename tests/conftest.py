@@ -27,6 +27,38 @@ T = TypeVar("T")
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 
 
+# `make test` runs the suite on pytest-xdist workers (`-n auto --dist loadgroup`). A fixture that is expensive to build
+# keeps every test that uses it on one worker, so it is built once: a session fixture of this list (the first match
+# wins; the session's `dvc repro` is the costliest), else any module-scoped fixture (the group is the module).
+SHARED_SESSION_FIXTURES = ("reproduced_project", "evaluated_project", "prefect_harness")
+
+
+def shared_fixture_group(item: pytest.Item) -> str | None:
+    names = getattr(item, "fixturenames", ())
+    group = next((name for name in SHARED_SESSION_FIXTURES if name in names), None)
+    if group is None:
+        definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(defs and defs[-1].scope == "module" for defs in definitions.values()):
+            group = item.module.__name__ if isinstance(item, pytest.Function) else None
+    return group
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        group = shared_fixture_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_runtest_setup(item) -> None:
+    """On an xdist worker under ``--dist loadgroup``, xdist must have appended the group to each grouped test's node id:
+    without it the groups are silently ignored and every worker builds the session's pipeline run again."""
+    if item.config.getoption("loadgroup", default=False) and item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+        pytest.fail("pytest-xdist did not group this test: with pytest >= 9.2 `--dist loadgroup` is broken "
+                    "(pytest-dev/pytest-xdist#1386); install pytest < 9.2 (pyproject's dev extra) or run without -n", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def digits_splits():
     """The embedded default's seeded stratified split (fine-tune 60% / validation 20% / test 20%)."""

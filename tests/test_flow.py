@@ -140,8 +140,8 @@ def test_dvc_api_child_reads_the_stage_exit_code():
 @pytest.mark.slow
 def test_flow_and_dvc_repro_share_outputs(prefect_harness, reproduced_workspace):
     """After `dvc repro`, the flow runs nothing and publishes the decision (artifact, event); `dvc repro` after
-    the flow runs nothing either. After a param change reproduced by `dvc repro`, the flow runs nothing;
-    reverting it, DVC restores the old output from its run-cache; a method's param change makes the flow
+    the flow runs nothing either. After a param change reproduced by `dvc repro`, reverting it, the flow runs
+    nothing: DVC restores the old output from its run-cache; a method's param change makes the flow
     rerun exactly the stale stages. (A fresh project's flow run, every stage ran: tests/test_deployment.py.)"""
     from prefect.artifacts import Artifact
     from prefect.client.orchestration import get_client
@@ -193,16 +193,13 @@ def test_flow_and_dvc_repro_share_outputs(prefect_harness, reproduced_workspace)
     assert (work / "dvc.lock").read_bytes() == lock_before
     assert (work / "data/decide/decision.json").stat().st_mtime_ns == decision_mtime
 
-    # 3. dvc repro reproduces a change of the gate's rules (`decide`, then the report); the flow then runs nothing.
+    # 3. dvc repro reproduces a change of the gate's rules (`decide`, then the report). (That the flow then runs
+    #    nothing is step 1's property; a flow run here would cost the suite half a minute and prove nothing new.)
     original_rule = yaml.safe_load((work / "params.yaml").read_text())["decision"]["rules"]["max_nfr"]
     set_param(work, "decision.rules.max_nfr", original_rule / 2)
     repro = dvc(work, "repro")
     assert [line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")] == ["decide", "report"]
-    changed = read_decision(work)
-    assert changed["rules"]["max_nfr"] == original_rule / 2
-    third = update_pipeline(project_dir=str(work))
-    assert third["ran"] == [] and third["skipped"] == stages
-    assert (third["verdict"], third["candidate"]) == (changed["verdict"], changed["candidate"])
+    assert read_decision(work)["rules"]["max_nfr"] == original_rule / 2
 
     # 4. back to the original rule: DVC restores the first decision from its run-cache, running nothing.
     set_param(work, "decision.rules.max_nfr", original_rule)
