@@ -13,11 +13,12 @@ from rcat.results import EVALUATED_SPLITS, Layout
 from rcat.runtime import resolve_device
 from rcat.stages.attack_cache import attack_cache
 from rcat.stages.attacking import ENGINE_SUMMARIES, attack_model_on_splits
-from rcat.stages.common import epoch_logger, load_cached_outcomes, method_params
+from rcat.stages.common import epoch_logger, load_cached_outcomes
 from rcat.stages.decide import decide, gather_evaluations, input_digests, library_versions, replay_decision, require_promotion
 from rcat.stages.evaluate import evaluate_method, evaluate_pair
 from rcat.stages.finetune import finetune_method
 from rcat.stages.prepare import prepare
+from rcat.stages.records import method_params
 from rcat.stages.train import import_model, train
 
 __all__ = [

@@ -1,19 +1,26 @@
-"""Device selection, seeding and code provenance shared by every stage."""
+"""Device selection, seeding and code provenance shared by every stage.
+
+torch is imported by the functions that use it: a stage that only reads per-sample results
+(``decide``) records the code's revision without paying for importing torch.
+"""
 
 from __future__ import annotations
 
 import random
 import subprocess
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from rcat.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; an explicit CUDA device must exist."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -27,6 +34,9 @@ def seed_everything(seed: int) -> torch.Generator:
     On CPU the same seed gives bit-identical results. On CUDA, cuDNN autotuning is disabled and
     deterministic kernels are preferred, but some scatter/atomic kernels stay non-deterministic.
     """
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

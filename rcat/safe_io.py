@@ -19,14 +19,14 @@ import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
-from safetensors import safe_open
-from safetensors.torch import save as serialize_tensors
 
 from rcat.errors import InputError, OutputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -160,6 +160,8 @@ def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tens
     would stage it in a temporary file of its own (``.tmpXXXXXX``), which a killed stage leaves
     behind, and would report a full disk as a ``SafetensorError`` instead of an :class:`OSError`.
     """
+    from safetensors.torch import save as serialize_tensors  # torch: imported where tensors are written, not by every reader of this module
+
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     data = _canonical_safetensors_header(serialize_tensors(contiguous, metadata=dict(metadata or {})))
     with atomic_path(path) as tmp:
@@ -183,6 +185,8 @@ def _canonical_safetensors_header(data: bytes) -> bytes:
 
 def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file: (tensors, header metadata). Never executes code from the file."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
@@ -213,6 +217,8 @@ def hash_tensor_into(digest: Any, tensor: torch.Tensor) -> None:
     try:
         buffer = flat.numpy()
     except TypeError:  # dtypes numpy lacks (bfloat16, ...): hash the raw bytes
+        import torch
+
         buffer = flat.view(torch.uint8).numpy()
     digest.update(memoryview(buffer).cast("B"))  # type: ignore[arg-type]  # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
 

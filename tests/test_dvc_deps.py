@@ -119,6 +119,18 @@ def write_code_deps(project: Path) -> None:
     (project / "dvc.yaml").write_text("\n".join(out) + "\n", encoding="utf-8")
 
 
+
+def test_decide_imports_neither_torch_nor_mlflow_nor_prefect():
+    """The gate only reads per-sample results and records: its stage script loads without torch (about 2 s a
+    stage), without MLflow (imported only when a tracked run opens) and without Prefect (flows live in pipelines/)."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys; runpy.run_path('stages/decide.py', run_name='loaded'); "
+            "print(sorted(m for m in ('torch', 'torchattacks', 'mlflow', 'prefect') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
 if __name__ == "__main__":  # python tests/test_dvc_deps.py: rewrite dvc.yaml's code deps from the imports
     write_code_deps(REPO_ROOT)
     print(mismatches(REPO_ROOT) or "dvc.yaml code deps = each stage's import closure")

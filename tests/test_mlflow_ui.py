@@ -81,7 +81,7 @@ def _number(text: str | None) -> float | None:
 def test_compare_page_leads_with_the_key_figures(tracked_check, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from rcat.stages.common import KEY_FIGURES
+    from rcat.stages.records import KEY_FIGURES
 
     root, params = tracked_check
     with mlflow_server(tmp_path, backend_store_uri=f"sqlite:///{root / 'mlflow.db'}") as url:

@@ -12,7 +12,8 @@ from rcat.data import SPLIT_NAMES
 from rcat.results import EVALUATED_SPLITS, Layout
 from rcat.safe_io import write_json, write_parquet
 from rcat.stages.attacking import ENGINE_SUMMARIES, attack_model_on_splits, write_evaluation_evidence, write_gallery
-from rcat.stages.common import key_figures, split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.common import split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.records import key_figures
 from rcat.tracking import Tracker
 
 

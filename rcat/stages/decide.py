@@ -16,7 +16,7 @@ from rcat.metrics import flip_set
 from rcat.results import EVALUATED_SPLITS, EvidenceError, Layout, load_candidates, require
 from rcat.runtime import code_revision
 from rcat.safe_io import atomic_path, read_json, read_parquet, sha256_file, write_json
-from rcat.stages.common import key_figures, method_params
+from rcat.stages.records import key_figures, method_params
 from rcat.tracking import Tracker
 
 Evaluations = dict[str, dict[str, dict[str, Any] | None]]

@@ -17,7 +17,8 @@ from rcat.models import LoadedModel
 from rcat.results import EVALUATED_SPLITS, Layout
 from rcat.safe_io import write_json, write_parquet
 from rcat.stages.attacking import attack_model_on_splits, write_evaluation_evidence, write_gallery
-from rcat.stages.common import key_figures, load_cached_outcomes, method_params, split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.common import load_cached_outcomes, split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.records import key_figures, method_params
 from rcat.tracking import Tracker
 
 

@@ -19,7 +19,8 @@ from rcat.results import Layout
 from rcat.runtime import seed_everything
 from rcat.safe_io import write_json
 from rcat.stages.attacking import attack_model_on_splits
-from rcat.stages.common import epoch_logger, load_cached_outcomes, method_params, split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.common import epoch_logger, load_cached_outcomes, split_metrics, stage_device, stage_model, stage_split
+from rcat.stages.records import method_params
 from rcat.tracking import Tracker
 
 
