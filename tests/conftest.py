@@ -34,6 +34,8 @@ SHARED_SESSION_FIXTURES = ("reproduced_project", "evaluated_project", "prefect_h
 
 
 def shared_fixture_group(item: pytest.Item) -> str | None:
+    """The xdist group of ``item``: the first of :data:`SHARED_SESSION_FIXTURES` it uses, else its module's name when
+    it uses a module-scoped fixture, else None (any worker may run it)."""
     names = getattr(item, "fixturenames", ())
     group = next((name for name in SHARED_SESSION_FIXTURES if name in names), None)
     if group is None:
