@@ -25,9 +25,10 @@ run: setup
 	@echo
 	@cat data/decide/decision.json | $(BIN)/python -c "import json,sys; d=json.load(sys.stdin); print('decision:', d['verdict'], d['candidate'] or '', '-', '; '.join(d['reasons']))"
 
-# on pytest-xdist workers, one per core: the suite is mostly single-threaded (imports, DVC, servers); tests that share an
-# expensive session fixture stay on one worker (tests/conftest.py, SHARED_FIXTURE_GROUPS)
-XDIST := -n auto --dist loadgroup
+# on pytest-xdist workers, one per core and at most 4: the suite is mostly single-threaded (imports, DVC, servers); tests
+# that share an expensive fixture stay on one worker (tests/conftest.py, shared_fixture_group), and the worker holding the
+# session's `dvc repro` is the critical path, so more workers would add memory, not speed
+XDIST := -n auto --maxprocesses 4 --dist loadgroup
 
 test: setup
 	$(BIN)/python -m pytest $(XDIST) --durations=15
