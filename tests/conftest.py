@@ -27,7 +27,7 @@ T = TypeVar("T")
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 
 
-# `make test` runs the suite on pytest-xdist workers (`-n auto --dist loadgroup`). A fixture that is expensive to build
+# `make test` runs the suite on pytest-xdist workers (`-n auto --maxprocesses 4 --dist loadgroup`). A fixture that is expensive to build
 # keeps every test that uses it on one worker, so it is built once: a session fixture of this list (the first match
 # wins; the session's `dvc repro` is the costliest), else any module-scoped fixture (the group is the module).
 SHARED_SESSION_FIXTURES = ("reproduced_project", "evaluated_project", "prefect_harness")
